@@ -1,0 +1,1 @@
+"""CNN training-and-inference service for CIFAR-10 classifiers."""

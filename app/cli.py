@@ -1,0 +1,205 @@
+"""The `cnn` command: the course's workflow from a terminal, and the service's entry points.
+
+    cnn nets                      list the architectures
+    cnn summary net1 [--json]     parameter and shape calculations, checked against Keras
+    cnn train net1 --data PATH --out DIR [--epochs N ...]
+    cnn predict MODEL.keras IMAGE ten class probabilities
+    cnn serve [--host H --port P] API + worker (embedded default without servers)
+    cnn worker                    one Celery training worker (one per GPU)
+    cnn migrate                   apply the Alembic migrations to DATABASE_URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config import get_settings
+
+
+def _cmd_nets(_: argparse.Namespace) -> int:
+    from app.ml.nets import NETS
+
+    for spec in NETS.values():
+        print(f"{spec.name:<6} {spec.title:<8} {spec.layout}")
+        print(f"{'':<15} {spec.description}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from app.ml.summary import format_table, summarize
+
+    summary = summarize(args.net)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else format_table(summary))
+    return 0 if summary.agrees else 1
+
+
+def _print_epoch_line(record: object) -> None:
+    from app.ml.training import EpochRecord
+
+    assert isinstance(record, EpochRecord)
+    print(
+        f"epoch {record.epoch}: loss {record.loss:.4f} accuracy {record.accuracy:.4f} "
+        f"val_loss {record.val_loss if record.val_loss is None else round(record.val_loss, 4)} "
+        f"val_accuracy "
+        f"{record.val_accuracy if record.val_accuracy is None else round(record.val_accuracy, 4)} "
+        f"({record.seconds:.1f} s, {record.images_per_second:,.0f} images/s)",
+        flush=True,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from app.ml.analysis import analyse
+    from app.ml.data import load_cifar10
+    from app.ml.evaluation import evaluate
+    from app.ml.nets import CLASS_NAMES
+    from app.ml.plots import history_png
+    from app.ml.training import TrainConfig, train
+
+    settings = get_settings()
+    config = TrainConfig(
+        net=args.net,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        validation_split=args.validation_split,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        train_limit=args.train_limit,
+        precision=args.precision or settings.PRECISION,
+    )
+    source = args.data or settings.CIFAR10_SOURCE
+    print(f"loading CIFAR-10 from {source} ...", flush=True)
+    data = load_cifar10(source, cache_dir=settings.cache_dir)
+    result = train(config, data, on_epoch=_print_epoch_line, verbose=1 if args.progress else 0)
+    print(f"trained on {result.device} with precision {result.precision}")
+    evaluation = evaluate(result.model, data.x_test, data.y_test)
+    rows = [record.to_dict() for record in result.epochs]
+    analysis = analyse(rows)
+    first = evaluation.first_image
+    print(f"test loss {evaluation.test_loss:.4f}, test accuracy {evaluation.test_accuracy:.4f}")
+    print(
+        f"first test image: predicted {CLASS_NAMES[first['predicted_class']]}, "
+        f"true {CLASS_NAMES[first['true_class']]}, match {first['match']}"
+    )
+    print(
+        f"lowest val_loss at epoch {analysis.best_epoch}; overfitting after epoch "
+        f"{analysis.overfitting_after_epoch}; final train-val accuracy gap {analysis.final_gap}"
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save(out / "model.keras")
+    report = {
+        "config": config.__dict__,
+        "device": result.device,
+        "precision": result.precision,
+        "epochs": rows,
+        "history": {key: [row[key] for row in rows] for key in
+                    ("loss", "accuracy", "val_loss", "val_accuracy")},
+        "analysis": analysis.to_dict(),
+        "evaluation": evaluation.to_dict(),
+    }
+    (out / "history.json").write_text(json.dumps(report, indent=2))
+    (out / "curves.png").write_bytes(history_png(rows, title=f"{config.net} on CIFAR-10"))
+    print(f"wrote {out / 'model.keras'}, {out / 'history.json'}, {out / 'curves.png'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from app.ml.inference import Predictor, decode_image, predict_probabilities
+
+    image = decode_image(Path(args.image).read_bytes(), resize=args.resize)
+    predictor = Predictor.from_path(Path(args.model))
+    (prediction,) = predict_probabilities(predictor, image[None, ...].astype("float32") / 255.0)
+    if args.json:
+        print(json.dumps(prediction))
+    else:
+        from app.ml.nets import CLASS_NAMES
+
+        for name, p in zip(CLASS_NAMES, prediction["probabilities"], strict=True):
+            print(f"{name:<11} {p:.4f}")
+        print(f"predicted: {prediction['class_name']}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from app.serve import serve
+
+    settings = get_settings()
+    return serve(settings, host=args.host or settings.API_HOST, port=args.port or settings.API_PORT) or 0
+
+
+def _cmd_worker(_: argparse.Namespace) -> int:
+    from worker.run import run_worker
+
+    return run_worker(get_settings()) or 0
+
+
+def _cmd_migrate(_: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    upgrade(get_settings().database_url)
+    print("database is at the latest migration")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnn", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("nets", help="list the architectures").set_defaults(func=_cmd_nets)
+
+    p = sub.add_parser("summary", help="parameter and output-shape calculations")
+    p.add_argument("net")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("train", help="train a net, evaluate it, write model, history and curves")
+    p.add_argument("net")
+    p.add_argument("--data", help="CIFAR-10 source: 'keras' or a path (default: CIFAR10_SOURCE)")
+    p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--validation-split", type=float, default=0.2)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "rmsprop"])
+    p.add_argument("--learning-rate", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, default=None, help="train on the first N images")
+    p.add_argument(
+        "--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"], default=None
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="class probabilities of one image")
+    p.add_argument("model", help="a .keras file")
+    p.add_argument("image", help="a 32x32 PNG or JPEG")
+    p.add_argument("--resize", action="store_true", help="resize images that are not 32x32")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="run the API and a worker")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=_cmd_serve)
+
+    sub.add_parser("worker", help="run one training worker").set_defaults(func=_cmd_worker)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cnn` console script; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"cnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

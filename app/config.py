@@ -1,0 +1,87 @@
+"""All settings of the service, read once from the environment and an optional `.env`.
+
+Names have no prefix because the issues and the compose file use the plain names
+(`DATABASE_URL`, `CELERY_BROKER_URL`, `CIFAR10_SOURCE`, ...).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+
+
+class Settings(BaseSettings):
+    """One place for every knob; pass an instance around instead of reading os.environ."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Where the embedded default keeps its state (SQLite file, broker folder, artifacts, caches).
+    STATE_DIR: Path = Path("var")
+    # Empty means the embedded SQLite database under STATE_DIR.
+    DATABASE_URL: str = ""
+    # Empty means the embedded, server-less broker under STATE_DIR.
+    CELERY_BROKER_URL: str = ""
+    TRAINING_QUEUE: str = "training"
+    MAINTENANCE_QUEUE: str = "maintenance"
+
+    # Artifacts (.keras models, checkpoints). Empty means STATE_DIR/artifacts.
+    ARTIFACT_DIR: Path | None = None
+    # Decoded CIFAR-10 arrays. Empty means STATE_DIR/cache.
+    CACHE_DIR: Path | None = None
+    # "keras" downloads through keras.datasets; anything else is a local path.
+    CIFAR10_SOURCE: str = "keras"
+
+    PRECISION: Precision = "auto"
+    WORKER_NAME: str = ""
+
+    # Job robustness (see docs/jobs.md).
+    MAX_ATTEMPTS: int = Field(default=3, ge=1)
+    HEARTBEAT_INTERVAL_S: float = Field(default=10.0, gt=0)
+    HEARTBEAT_TIMEOUT_S: float = Field(default=120.0, gt=0)
+    SWEEP_INTERVAL_S: float = Field(default=30.0, gt=0)
+
+    # Serving.
+    PREDICT_MAX_INSTANCES: int = Field(default=256, ge=1)
+    MODEL_CACHE_SIZE: int = Field(default=4, ge=1)
+
+    API_HOST: str = "127.0.0.1"
+    API_PORT: int = 8000
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL, or the embedded SQLite file."""
+        if self.DATABASE_URL:
+            return self.DATABASE_URL
+        return f"sqlite:///{(self.STATE_DIR / 'cnn.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.CELERY_BROKER_URL
+
+    @property
+    def broker_url(self) -> str:
+        return self.CELERY_BROKER_URL or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.STATE_DIR / "broker").resolve()
+
+    @property
+    def artifact_dir(self) -> Path:
+        return (self.ARTIFACT_DIR or self.STATE_DIR / "artifacts").resolve()
+
+    @property
+    def cache_dir(self) -> Path:
+        return (self.CACHE_DIR or self.STATE_DIR / "cache").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

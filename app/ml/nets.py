@@ -1,0 +1,210 @@
+"""The architectures the service can train, and the registry the API and worker read.
+
+Adding a net is one builder function and one entry in NETS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import keras
+
+CLASS_NAMES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+INPUT_SHAPE: tuple[int, int, int] = (32, 32, 3)
+NUM_CLASSES = len(CLASS_NAMES)
+
+
+class UnknownNetError(KeyError):
+    """Raised for a net name that is not in the registry; lists the known ones."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = sorted(NETS)
+
+    def __str__(self) -> str:
+        return f"unknown net {self.name!r}; known nets: {', '.join(self.known)}"
+
+
+Builder = Callable[..., "keras.Model"]
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    name: str
+    title: str
+    description: str
+    layout: str
+    builder: Builder
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "description": self.description,
+            "layout": self.layout,
+            "notes": self.notes,
+        }
+
+
+def _check_shape(input_shape: tuple[int, int, int], num_classes: int) -> None:
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be (height, width, channels). Received: input_shape={input_shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
+
+
+def build_net1(
+    input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES
+) -> keras.Model:
+    """NET I (exercise 3): CONV-POOL-CONV-POOL-CONV-POOL-FC-FC, 3x3 kernels, valid padding."""
+    import keras
+    from keras import layers
+
+    _check_shape(input_shape, num_classes)
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape, name="image"),
+            layers.Conv2D(32, 3, activation="relu", name="conv1"),
+            layers.MaxPooling2D(2, strides=2, name="pool1"),
+            layers.Conv2D(64, 3, activation="relu", name="conv2"),
+            layers.MaxPooling2D(2, strides=2, name="pool2"),
+            layers.Conv2D(64, 3, activation="relu", name="conv3"),
+            layers.MaxPooling2D(2, strides=2, name="pool3"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(512, activation="relu", name="fc1"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32", name="fc2"),
+        ],
+        name="net1",
+    )
+
+
+def build_net2(
+    input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES
+) -> keras.Model:
+    """NET II (exercise 11): CONV-CONV-POOL-CONV-POOL-FC-FC, 5x5 kernels, valid padding."""
+    import keras
+    from keras import layers
+
+    _check_shape(input_shape, num_classes)
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape, name="image"),
+            layers.Conv2D(32, 5, activation="relu", name="conv1"),
+            layers.Conv2D(64, 5, activation="relu", name="conv2"),
+            layers.MaxPooling2D(2, strides=2, name="pool1"),
+            layers.Conv2D(64, 5, activation="relu", name="conv3"),
+            layers.MaxPooling2D(2, strides=2, name="pool2"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(512, activation="relu", name="fc1"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32", name="fc2"),
+        ],
+        name="net2",
+    )
+
+
+def build_net3(
+    input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES
+) -> keras.Model:
+    """NET III (exercise 17): six 3x3 'same' convolutions, dropout 0.5, L2 5e-4 on the FC kernels."""
+    import keras
+    from keras import layers, regularizers
+
+    _check_shape(input_shape, num_classes)
+    l2 = regularizers.L2(0.0005)
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape, name="image"),
+            layers.Conv2D(96, 3, padding="same", activation="relu", name="conv1"),
+            layers.Conv2D(96, 3, padding="same", activation="relu", name="conv2"),
+            layers.MaxPooling2D(2, strides=2, name="pool1"),
+            layers.Dropout(0.5, name="drop1"),
+            layers.Conv2D(128, 3, padding="same", activation="relu", name="conv3"),
+            layers.MaxPooling2D(2, strides=2, name="pool2"),
+            layers.Dropout(0.5, name="drop2"),
+            layers.Conv2D(128, 3, padding="same", activation="relu", name="conv4"),
+            layers.Conv2D(128, 3, padding="same", activation="relu", name="conv5"),
+            layers.Conv2D(128, 3, padding="same", activation="relu", name="conv6"),
+            layers.MaxPooling2D(2, strides=2, name="pool3"),
+            layers.Dropout(0.5, name="drop3"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(1024, activation="relu", kernel_regularizer=l2, name="fc1"),
+            layers.Dropout(0.5, name="drop4"),
+            layers.Dense(512, activation="relu", kernel_regularizer=l2, name="fc2"),
+            layers.Dropout(0.5, name="drop5"),
+            layers.Dense(
+                num_classes, activation="softmax", kernel_regularizer=l2, dtype="float32", name="fc3"
+            ),
+        ],
+        name="net3",
+    )
+
+
+NETS: dict[str, NetSpec] = {
+    spec.name: spec
+    for spec in (
+        NetSpec(
+            name="net1",
+            title="NET I",
+            description="Three 3x3 convolutions (32, 64, 64) each followed by 2x2 max pooling, then FC 512 and FC 10.",
+            layout="CONV-POOL-CONV-POOL-CONV-POOL-FC-FC",
+            builder=build_net1,
+        ),
+        NetSpec(
+            name="net2",
+            title="NET II",
+            description="Three 5x5 convolutions (32, 64, 64) with two 2x2 max poolings, then FC 512 and FC 10.",
+            layout="CONV-CONV-POOL-CONV-POOL-FC-FC",
+            builder=build_net2,
+        ),
+        NetSpec(
+            name="net3",
+            title="NET III",
+            description=(
+                "Six 3x3 convolutions (96, 96, 128, 128, 128, 128), three 2x2 max poolings, "
+                "dropout 0.5 after each pool and FC layer, FC 1024-512-10 with L2 5e-4."
+            ),
+            layout="CONV-CONV-POOL-CONV-POOL-CONV-CONV-CONV-POOL-FC-FC-FC",
+            builder=build_net3,
+            notes=(
+                "Convolutions use 'same' padding: with 'valid' padding the six 3x3 convolutions "
+                "and three pools shrink 32x32 to nothing before the last pool "
+                "(32-2-2=28, /2=14, -2=12, /2=6, -2-2-2=0)."
+            ),
+        ),
+    )
+}
+
+
+def get_net(name: str) -> NetSpec:
+    """The registered spec for `name`, or UnknownNetError listing the known names."""
+    try:
+        return NETS[name]
+    except KeyError:
+        raise UnknownNetError(name) from None
+
+
+# Output layers are pinned to float32 so that under a mixed-precision policy the softmax
+# and the loss stay numerically stable (Keras mixed-precision guide); it changes nothing
+# under the default float32 policy.
+
+
+def build_net(
+    name: str, input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES
+) -> keras.Model:
+    return get_net(name).builder(input_shape=input_shape, num_classes=num_classes)

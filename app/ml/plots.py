@@ -1,0 +1,42 @@
+"""The curves of exercises 9, 10 and 16: accuracy vs val_accuracy and loss vs val_loss per epoch."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from app.ml.analysis import analyse
+
+
+def history_png(epochs: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
+    """A two-panel PNG of the per-epoch rows; marks the best (lowest val_loss) epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot import
+    from matplotlib.figure import Figure
+
+    xs = [int(row["epoch"]) for row in epochs]
+    fig = Figure(figsize=(10, 4), dpi=100)
+    best = analyse(epochs).best_epoch
+    for ax, key, label in (
+        (fig.add_subplot(1, 2, 1), "accuracy", "Accuracy"),
+        (fig.add_subplot(1, 2, 2), "loss", "Loss"),
+    ):
+        ax.plot(xs, [row.get(key) for row in epochs], "o-", label=f"training {key}")
+        val = [row.get(f"val_{key}") for row in epochs]
+        if any(v is not None for v in val):
+            ax.plot(xs, val, "s-", label=f"validation {key}")
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle=":", label=f"lowest val_loss (epoch {best})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label.lower())
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

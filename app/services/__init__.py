@@ -1,0 +1,1 @@
+"""Database-level operations shared by the API and the worker."""

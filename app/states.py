@@ -1,0 +1,54 @@
+"""The job state machine: the one place that says which status may follow which.
+
+queued -> running -> succeeded | failed | cancelled; queued -> cancelled.
+running -> queued is the internal "requeue" used when a worker died mid-fit
+(stale heartbeat or a redelivered message); clients never request it.
+Terminal statuses never change.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(Exception):
+    """Raised when a status change is not in ALLOWED (e.g. cancelling a finished job)."""
+
+    def __init__(self, current: JobStatus, target: JobStatus) -> None:
+        super().__init__(f"job is '{current}', it cannot become '{target}'")
+        self.current = current
+        self.target = target
+
+
+def is_terminal(status: JobStatus | str) -> bool:
+    return JobStatus(status) in TERMINAL
+
+
+def check_transition(current: JobStatus | str, target: JobStatus | str) -> None:
+    """Raise InvalidTransition unless `current -> target` is allowed."""
+    cur, tgt = JobStatus(current), JobStatus(target)
+    if tgt not in ALLOWED[cur]:
+        raise InvalidTransition(cur, tgt)

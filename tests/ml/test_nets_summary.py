@@ -1,0 +1,78 @@
+"""The three course networks and their formula-by-formula calculations (exercises 3, 4, 11, 12, 17)."""
+
+import pytest
+
+from app.ml.nets import NETS, UnknownNetError, build_net, get_net
+from app.ml.summary import _spatial, format_table, summarize
+
+EXPECTED_PARAMS = {"net1": 193_034, "net2": 686_090, "net3": 3_267_306}
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED_PARAMS))
+def summary(request):
+    return summarize(request.param)
+
+
+def test_registry_lists_the_three_course_nets():
+    assert {"net1", "net2", "net3"} <= set(NETS)
+    assert get_net("net1").title == "NET I"
+
+
+def test_unknown_net_lists_known_names():
+    with pytest.raises(UnknownNetError) as info:
+        get_net("net9")
+    assert "net1" in str(info.value) and "net9" in str(info.value)
+
+
+def test_bad_builder_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="num_classes"):
+        build_net("net1", num_classes=1)
+
+
+def test_total_params_match_the_issue_and_keras(summary):
+    assert summary.total_params == EXPECTED_PARAMS[summary.net]
+    assert summary.keras_total_params == EXPECTED_PARAMS[summary.net]
+    assert summary.trainable_params == summary.keras_trainable_params
+
+
+def test_every_layer_agrees_with_keras(summary):
+    disagreeing = [layer.name for layer in summary.layers if not layer.agrees]
+    assert disagreeing == []
+    assert summary.agrees
+
+
+def test_layer_shapes_chain(summary):
+    for previous, layer in zip(summary.layers, summary.layers[1:], strict=False):
+        assert layer.input_shape == previous.output_shape
+    assert summary.layers[-1].output_shape == [10]
+
+
+def test_net1_figures_by_hand():
+    s = summarize("net1")
+    by_name = {layer.name: layer for layer in s.layers}
+    assert by_name["conv1"].params == ((3 * 3 * 3) + 1) * 32
+    assert by_name["conv1"].output_shape == [30, 30, 32]
+    assert by_name["pool3"].output_shape == [2, 2, 64]
+    assert by_name["fc1"].params == (256 + 1) * 512
+    assert s.weight_bytes == 193_034 * 4
+    # MACs: conv1 30*30*32*27 + conv2 13*13*64*288 + conv3 4*4*64*576 + fc 256*512 + 512*10
+    assert s.macs_per_image == 777_600 + 3_115_008 + 589_824 + 131_072 + 5_120
+
+
+def test_net3_uses_same_padding_and_says_why():
+    s = summarize("net3")
+    convs = [layer for layer in s.layers if layer.type == "Conv2D"]
+    assert all(layer.padding == [1, 1] for layer in convs)
+    assert "valid" in s.notes
+
+
+def test_output_size_formula():
+    assert _spatial(32, 3, 1, "valid")[0] == 30
+    assert _spatial(13, 2, 2, "valid")[0] == 6  # floor((13-2)/2)+1
+    assert _spatial(32, 3, 1, "same")[:2] == (32, 1)
+    assert _spatial(7, 3, 2, "same")[0] == 4
+
+
+def test_table_mentions_totals():
+    text = format_table(summarize("net2"))
+    assert "686,090" in text and "agree with Keras: yes" in text
