@@ -1,12 +1,12 @@
 """The `cnn` command: the course's workflow from a terminal, and the service's entry points.
 
-    cnn nets                      list the architectures
-    cnn summary net1 [--json]     parameter and shape calculations, checked against Keras
-    cnn train net1 --data PATH --out DIR [--epochs N ...]
-    cnn predict MODEL.keras IMAGE ten class probabilities
-    cnn serve [--host H --port P] API + worker (embedded default without servers)
-    cnn worker                    one Celery training worker (one per GPU)
-    cnn migrate                   apply the Alembic migrations to DATABASE_URL
+cnn nets                      list the architectures
+cnn summary net1 [--json]     parameter and shape calculations, checked against Keras
+cnn train net1 --data PATH --out DIR [--epochs N ...]
+cnn predict MODEL.keras IMAGE ten class probabilities
+cnn serve [--host H --port P] API + worker (embedded default without servers)
+cnn worker                    one Celery training worker (one per GPU)
+cnn migrate                   apply the Alembic migrations to DATABASE_URL
 """
 
 from __future__ import annotations
@@ -97,8 +97,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "device": result.device,
         "precision": result.precision,
         "epochs": rows,
-        "history": {key: [row[key] for row in rows] for key in
-                    ("loss", "accuracy", "val_loss", "val_accuracy")},
+        "history": {
+            key: [row[key] for row in rows]
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+        },
         "analysis": analysis.to_dict(),
         "evaluation": evaluation.to_dict(),
     }
@@ -113,7 +115,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     image = decode_image(Path(args.image).read_bytes(), resize=args.resize)
     predictor = Predictor.from_path(Path(args.model))
-    (prediction,) = predict_probabilities(predictor, image[None, ...].astype("float32") / 255.0)
+    (prediction,) = predict_probabilities(predictor, image)
     if args.json:
         print(json.dumps(prediction))
     else:
@@ -129,7 +131,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from app.serve import serve
 
     settings = get_settings()
-    return serve(settings, host=args.host or settings.API_HOST, port=args.port or settings.API_PORT) or 0
+    return (
+        serve(settings, host=args.host or settings.API_HOST, port=args.port or settings.API_PORT)
+        or 0
+    )
 
 
 def _cmd_worker(_: argparse.Namespace) -> int:
@@ -196,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    # User-facing failures (bad data, bad model file, NaN loss) are ValueError/OSError/
+    # RuntimeError subclasses with a message that names the culprit.
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"cnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     HEARTBEAT_INTERVAL_S: float = Field(default=10.0, gt=0)
     HEARTBEAT_TIMEOUT_S: float = Field(default=120.0, gt=0)
     SWEEP_INTERVAL_S: float = Field(default=30.0, gt=0)
+    # A queued job not picked up this long after it was sent is sent again (the broker may
+    # have lost it); duplicates are harmless because only one claim in the database wins.
+    QUEUED_RESEND_S: float = Field(default=300.0, gt=0)
 
     # Serving.
     PREDICT_MAX_INSTANCES: int = Field(default=256, ge=1)

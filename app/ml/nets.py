@@ -64,7 +64,9 @@ class NetSpec:
 
 def _check_shape(input_shape: tuple[int, int, int], num_classes: int) -> None:
     if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be (height, width, channels). Received: input_shape={input_shape}")
+        raise ValueError(
+            f"input_shape must be (height, width, channels). Received: input_shape={input_shape}"
+        )
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
 
@@ -148,7 +150,11 @@ def build_net3(
             layers.Dense(512, activation="relu", kernel_regularizer=l2, name="fc2"),
             layers.Dropout(0.5, name="drop5"),
             layers.Dense(
-                num_classes, activation="softmax", kernel_regularizer=l2, dtype="float32", name="fc3"
+                num_classes,
+                activation="softmax",
+                kernel_regularizer=l2,
+                dtype="float32",
+                name="fc3",
             ),
         ],
         name="net3",

@@ -15,6 +15,7 @@ def history_png(epochs: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot import
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     xs = [int(row["epoch"]) for row in epochs]
     fig = Figure(figsize=(10, 4), dpi=100)
@@ -30,6 +31,7 @@ def history_png(epochs: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
         if best is not None:
             ax.axvline(best, color="grey", linestyle=":", label=f"lowest val_loss (epoch {best})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label.lower())
         ax.set_title(label)
         ax.grid(True, alpha=0.3)

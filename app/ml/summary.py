@@ -63,9 +63,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _spatial(
-    n: int, f: int, s: int, padding: str
-) -> tuple[int, float, str]:
+def _spatial(n: int, f: int, s: int, padding: str) -> tuple[int, float, str]:
     """Output size, the padding P per side, and the formula with the numbers filled in."""
     if padding == "valid":
         out = (n - f) // s + 1
@@ -89,13 +87,17 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
         ow, pw, _ = _spatial(in_shape[1], n, sw, cfg["padding"])
         bias = 1 if cfg["use_bias"] else 0
         params = (m * n * c_in + bias) * c_out
-        formula = (
-            f"P = (({m}*{n}*{c_in}) + {bias}) * {c_out} = {params:,}; O = {fh}"
-        )
+        formula = f"P = (({m}*{n}*{c_in}) + {bias}) * {c_out} = {params:,}; O = {fh}"
         return LayerCalc(
-            **base, output_shape=[oh, ow, c_out], kernel=[m, n], stride=[sh, sw],
-            padding=[ph, pw], params=params, trainable_params=params,
-            macs=oh * ow * c_out * m * n * c_in, formula=formula,
+            **base,
+            output_shape=[oh, ow, c_out],
+            kernel=[m, n],
+            stride=[sh, sw],
+            padding=[ph, pw],
+            params=params,
+            trainable_params=params,
+            macs=oh * ow * c_out * m * n * c_in,
+            formula=formula,
         )
     if kind in ("MaxPooling2D", "AveragePooling2D"):
         (m, n) = _pair(cfg["pool_size"])
@@ -103,45 +105,84 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
         oh, ph, fh = _spatial(in_shape[0], m, sh, cfg["padding"])
         ow, pw, _ = _spatial(in_shape[1], n, sw, cfg["padding"])
         return LayerCalc(
-            **base, output_shape=[oh, ow, in_shape[2]], kernel=[m, n], stride=[sh, sw],
-            padding=[ph, pw], params=0, trainable_params=0, macs=0,
+            **base,
+            output_shape=[oh, ow, in_shape[2]],
+            kernel=[m, n],
+            stride=[sh, sw],
+            padding=[ph, pw],
+            params=0,
+            trainable_params=0,
+            macs=0,
             formula=f"P = 0 (pooling has no weights); O = {fh}",
         )
     if kind == "Flatten":
         size = math.prod(in_shape)
         dims = " * ".join(str(d) for d in in_shape)
         return LayerCalc(
-            **base, output_shape=[size], kernel=None, stride=None, padding=None, params=0,
-            trainable_params=0, macs=0, formula=f"P = 0; O = {dims} = {size:,}",
+            **base,
+            output_shape=[size],
+            kernel=None,
+            stride=None,
+            padding=None,
+            params=0,
+            trainable_params=0,
+            macs=0,
+            formula=f"P = 0; O = {dims} = {size:,}",
         )
     if kind == "Dense":
         n_in, n_out = in_shape[-1], int(cfg["units"])
         bias = 1 if cfg["use_bias"] else 0
         params = (n_in + bias) * n_out
         return LayerCalc(
-            **base, output_shape=[*in_shape[:-1], n_out], kernel=None, stride=None,
-            padding=None, params=params, trainable_params=params, macs=n_in * n_out,
+            **base,
+            output_shape=[*in_shape[:-1], n_out],
+            kernel=None,
+            stride=None,
+            padding=None,
+            params=params,
+            trainable_params=params,
+            macs=n_in * n_out,
             formula=f"P = ({n_in:,} + {bias}) * {n_out:,} = {params:,}",
         )
     if kind in ("Dropout", "Activation", "ReLU", "SpatialDropout2D"):
         return LayerCalc(
-            **base, output_shape=list(in_shape), kernel=None, stride=None, padding=None,
-            params=0, trainable_params=0, macs=0, formula="P = 0; O = input shape",
+            **base,
+            output_shape=list(in_shape),
+            kernel=None,
+            stride=None,
+            padding=None,
+            params=0,
+            trainable_params=0,
+            macs=0,
+            formula="P = 0; O = input shape",
         )
     if kind == "BatchNormalization":
         if not (cfg.get("center", True) and cfg.get("scale", True)):
             raise NotImplementedError(f"BatchNormalization without center/scale ({layer.name})")
         channels = in_shape[-1]
         return LayerCalc(
-            **base, output_shape=list(in_shape), kernel=None, stride=None, padding=None,
-            params=4 * channels, trainable_params=2 * channels, macs=0,
+            **base,
+            output_shape=list(in_shape),
+            kernel=None,
+            stride=None,
+            padding=None,
+            params=4 * channels,
+            trainable_params=2 * channels,
+            macs=0,
             formula=f"P = 4 * {channels} = {4 * channels:,} "
             "(gamma, beta trainable; moving mean, variance not)",
         )
     if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
         return LayerCalc(
-            **base, output_shape=[in_shape[-1]], kernel=None, stride=None, padding=None,
-            params=0, trainable_params=0, macs=0, formula=f"P = 0; O = {in_shape[-1]} channels",
+            **base,
+            output_shape=[in_shape[-1]],
+            kernel=None,
+            stride=None,
+            padding=None,
+            params=0,
+            trainable_params=0,
+            macs=0,
+            formula=f"P = 0; O = {in_shape[-1]} channels",
         )
     raise NotImplementedError(f"no formula for layer type {kind} ({layer.name})")
 

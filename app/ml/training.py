@@ -51,7 +51,10 @@ class TrainConfig:
         get_net(self.net)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1. Received: batch_size={self.batch_size}"),
+            (
+                self.batch_size >= 1,
+                f"batch_size must be >= 1. Received: batch_size={self.batch_size}",
+            ),
             (
                 0.0 <= self.validation_split < 1.0,
                 f"validation_split must be in [0, 1). Received: validation_split={self.validation_split}",

@@ -36,8 +36,14 @@ def config(**overrides):
 
 
 def test_config_rejects_bad_values():
-    for bad in ({"epochs": 0}, {"batch_size": 0}, {"validation_split": 1.5},
-                {"optimizer": "adagrad"}, {"learning_rate": 0}, {"precision": "int8"}):
+    for bad in (
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"validation_split": 1.5},
+        {"optimizer": "adagrad"},
+        {"learning_rate": 0},
+        {"precision": "int8"},
+    ):
         with pytest.raises(ValueError, match="Received"):
             config(**bad)
     with pytest.raises(KeyError):
