@@ -39,6 +39,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[st
     fields = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        if err.get("type") == "json_invalid":
+            # pydantic puts the character offset in `loc`; the field is the whole body.
+            loc = []
         fields.append({"field": ".".join(loc) or "body", "problem": err.get("msg", "invalid")})
     message = "; ".join(f"{f['field']}: {f['problem']}" for f in fields) or "invalid request"
     return message, fields

@@ -1,0 +1,164 @@
+"""Training jobs: submit, list, inspect, follow the curves, read the evaluation, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.orm import Session
+
+from app.api.deps import JsonBody, SessionDep, SettingsDep
+from app.errors import AppError
+from app.ml.analysis import analyse
+from app.ml.nets import CLASS_NAMES
+from app.schemas import (
+    AnalysisPublic,
+    EpochPublic,
+    EvaluationPublic,
+    FirstImage,
+    HistoryCurves,
+    HistoryPublic,
+    JobCreate,
+    JobList,
+    JobPublic,
+)
+from app.services import dispatch
+from app.services import jobs as job_service
+from app.states import JobStatus, is_terminal
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No job with this id."}}
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Retrying a POST with the same key returns the first job, not a new one.",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    dependencies=[JsonBody],
+    responses={
+        202: {"description": "Accepted; the Location header is the job's URL."},
+        415: {"description": "The body is not JSON."},
+        422: {"description": "A parameter is out of range or unknown."},
+    },
+)
+def submit_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    job, created = job_service.create_job(session, body, idempotency_key)
+    if created and dispatch.enqueue_training(settings, job.id):
+        job_service.mark_enqueued(session, job.id)
+    elif not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobPublic.from_job(job_service.get_job(session, job.id))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    net: Annotated[str | None, Query(max_length=64, description="Only jobs of this net.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    rows, total = job_service.list_jobs(session, status=status, net=net, limit=limit, offset=offset)
+    return JobList(
+        jobs=[JobPublic.from_job(job) for job in rows], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+def get_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+    return JobPublic.from_job(job_service.get_job(session, job_id))
+
+
+def _epoch_dicts(session: Session, job_id: uuid.UUID) -> list[dict[str, float | int | None]]:
+    return [
+        EpochPublic.model_validate(row).model_dump()
+        for row in job_service.list_epochs(session, job_id)
+    ]
+
+
+@router.get("/{job_id}/history", response_model=HistoryPublic, responses=NOT_FOUND)
+def job_history(job_id: uuid.UUID, session: SessionDep) -> HistoryPublic:
+    """Per-epoch metrics in both row and column form; includes finished epochs of a running job."""
+    job = job_service.get_job(session, job_id)
+    epochs = _epoch_dicts(session, job_id)
+    return HistoryPublic(
+        job_id=job.id,
+        status=JobStatus(job.status),
+        epochs=[EpochPublic.model_validate(row) for row in epochs],
+        history=HistoryCurves.model_validate(
+            {key: [row[key] for row in epochs] for key in HistoryCurves.model_fields}
+        ),
+        analysis=AnalysisPublic(**analyse(epochs).to_dict()),
+    )
+
+
+@router.get(
+    "/{job_id}/history.png",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "Accuracy and loss curves."},
+        404: {"description": "No such job, or no finished epoch yet (`no_history`)."},
+    },
+)
+def job_history_png(job_id: uuid.UUID, session: SessionDep) -> Response:
+    from app.ml.plots import history_png  # matplotlib is heavy; load it on first use
+
+    job = job_service.get_job(session, job_id)
+    epochs = _epoch_dicts(session, job_id)
+    if not epochs:
+        raise AppError(
+            "no_history", f"job {job_id} has no finished epoch yet (status {job.status})", 404
+        )
+    png = history_png(epochs, title=f"{job.net}: job {job.id} ({job.status})")
+    # The curves grow while the job runs; only a finished job's picture is stable.
+    cache = "max-age=3600" if is_terminal(job.status) else "no-store"
+    return Response(png, media_type="image/png", headers={"Cache-Control": cache})
+
+
+@router.get(
+    "/{job_id}/evaluation",
+    response_model=EvaluationPublic,
+    responses={404: {"description": "No such job, or no evaluation yet (`no_evaluation`)."}},
+)
+def job_evaluation(job_id: uuid.UUID, session: SessionDep) -> EvaluationPublic:
+    job_service.get_job(session, job_id)
+    evaluation = job_service.get_evaluation(session, job_id)
+    return EvaluationPublic(
+        job_id=evaluation.job_id,
+        test_loss=evaluation.test_loss,
+        test_accuracy=evaluation.test_accuracy,
+        first_image=FirstImage.model_validate(evaluation.first_image),
+        per_class_accuracy=evaluation.per_class_accuracy,
+        confusion_matrix=evaluation.confusion_matrix,
+        classes=list(CLASS_NAMES),
+        created_at=evaluation.created_at,
+    )
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={**NOT_FOUND, 409: {"description": "The job already finished (`job_terminal`)."}},
+)
+def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+    """Queued jobs are cancelled at once; a running job stops at its next batch."""
+    return JobPublic.from_job(job_service.cancel_job(session, job_id))

@@ -1,0 +1,369 @@
+"""Request and response bodies of the REST API (pydantic v2), named by role.
+
+Requests forbid unknown fields and explain every rejected value with the allowed range,
+without echoing the value back. Responses are built from ORM rows (from_attributes).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from app.ml.nets import NETS
+from app.states import JobStatus
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+ALIAS_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+INT32_MAX = 2**31 - 1  # the jobs columns are 32-bit INTEGER on PostgreSQL
+
+Optimizer = Literal["adam", "sgd", "rmsprop"]
+PrecisionChoice = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+
+
+def _expected(description: str) -> WrapValidator:
+    """Replace pydantic's generic message with one stating the whole allowed range."""
+
+    def validate(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "out_of_range", "expected {expected}", {"expected": description}
+            ) from None
+
+    return WrapValidator(validate)
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    # SQLite hands timestamps back without a zone; they were written in UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+Epochs = Annotated[int, Field(ge=1, le=1000), _expected("an integer from 1 to 1000")]
+BatchSize = Annotated[int, Field(ge=1, le=8192), _expected("an integer from 1 to 8192")]
+ValidationSplit = Annotated[
+    float,
+    Field(ge=0, lt=1, allow_inf_nan=False),
+    _expected("a number from 0 (inclusive) to 1 (exclusive)"),
+]
+LearningRate = Annotated[
+    float,
+    Field(gt=0, le=10, allow_inf_nan=False),
+    _expected("a number greater than 0 and at most 10"),
+]
+Seed = Annotated[int, Field(ge=0, le=INT32_MAX), _expected(f"an integer from 0 to {INT32_MAX}")]
+TrainLimit = Annotated[
+    int | None,
+    Field(ge=10, le=INT32_MAX),
+    _expected(f"null or an integer from 10 to {INT32_MAX}"),
+]
+ModelName = Annotated[
+    str | None,
+    Field(pattern=MODEL_NAME_PATTERN),
+    _expected("null or 1-128 characters from A-Z, a-z, 0-9, '_', '.', '-'"),
+]
+
+
+class JobCreate(BaseModel):
+    """POST /jobs: every field but `net` defaults to the seed's training parameters."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"net": "net1", "epochs": 20, "batch_size": 128}]},
+    )
+
+    net: str = Field(description="A registered architecture, see GET /nets.")
+    epochs: Epochs = 20
+    batch_size: BatchSize = 128
+    validation_split: ValidationSplit = 0.2
+    optimizer: Optimizer = "adam"
+    learning_rate: LearningRate = 0.001
+    seed: Seed = 0
+    train_limit: TrainLimit = Field(
+        default=None, description="Train on the first N training images only (smoke runs)."
+    )
+    model_name: ModelName = Field(
+        default=None, description="Registry name for the trained model; defaults to the net."
+    )
+    precision: PrecisionChoice | None = Field(
+        default=None, description="Mixed-precision policy; null uses the worker's setting."
+    )
+
+    @field_validator("net")
+    @classmethod
+    def _known_net(cls, value: str) -> str:
+        if value not in NETS:
+            raise PydanticCustomError(
+                "unknown_net", "unknown net; expected one of: {known}", {"known": ", ".join(NETS)}
+            )
+        return value
+
+    def parameters(self) -> dict[str, Any]:
+        """The job's columns, with the registry name defaulted to the net."""
+        values = self.model_dump()
+        values["model_name"] = self.model_name or self.net
+        return values
+
+
+class JobParameters(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epochs: int
+    batch_size: int
+    validation_split: float
+    optimizer: str
+    learning_rate: float
+    seed: int
+    train_limit: int | None
+    model_name: str
+    precision: str | None
+
+
+class Progress(BaseModel):
+    epoch: int = Field(description="Epochs finished so far.")
+    epochs: int = Field(description="Epochs requested.")
+
+
+class EvaluationSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    test_loss: float
+    test_accuracy: float
+
+
+class ModelVersionRef(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    version: int
+
+
+class JobPublic(BaseModel):
+    """A job as clients see it: state, progress, parameters, where it ran, what it produced."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    net: str
+    status: JobStatus
+    progress: Progress
+    parameters: JobParameters
+    created_at: UtcDatetime
+    enqueued_at: UtcDatetime | None
+    started_at: UtcDatetime | None
+    heartbeat_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    worker: str | None
+    device: str | None
+    attempts: int
+    error: str | None
+    cancel_requested: bool
+    evaluation: EvaluationSummary | None
+    model_version: ModelVersionRef | None
+
+    @classmethod
+    def from_job(cls, job: Any) -> JobPublic:
+        """Build from an app.models.Job (its evaluation and model_version are read too)."""
+        return cls(
+            id=job.id,
+            net=job.net,
+            status=job.status,
+            progress=Progress(epoch=job.current_epoch, epochs=job.epochs),
+            parameters=JobParameters.model_validate(job),
+            created_at=job.created_at,
+            enqueued_at=job.enqueued_at,
+            started_at=job.started_at,
+            heartbeat_at=job.heartbeat_at,
+            finished_at=job.finished_at,
+            worker=job.worker,
+            device=job.device,
+            attempts=job.attempts,
+            error=job.error,
+            cancel_requested=job.cancel_requested,
+            evaluation=(
+                EvaluationSummary.model_validate(job.evaluation) if job.evaluation else None
+            ),
+            model_version=(
+                ModelVersionRef.model_validate(job.model_version) if job.model_version else None
+            ),
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[JobPublic]
+    total: int = Field(description="Jobs matching the filters, over all pages.")
+    limit: int
+    offset: int
+
+
+class EpochPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+
+
+class HistoryCurves(BaseModel):
+    loss: list[float]
+    accuracy: list[float]
+    val_loss: list[float | None]
+    val_accuracy: list[float | None]
+
+
+class AnalysisPublic(BaseModel):
+    best_epoch: int | None = Field(description="Epoch with the lowest validation loss.")
+    overfitting_after_epoch: int | None
+    final_gap: float | None = Field(description="accuracy - val_accuracy at the last epoch.")
+    max_gap: float | None
+    max_gap_epoch: int | None = None
+
+
+class HistoryPublic(BaseModel):
+    job_id: uuid.UUID
+    status: JobStatus
+    epochs: list[EpochPublic]
+    history: HistoryCurves
+    analysis: AnalysisPublic
+
+
+class FirstImage(BaseModel):
+    probabilities: list[float]
+    predicted_class: int
+    true_class: int
+    match: bool
+
+
+class EvaluationPublic(BaseModel):
+    """Test-set results: exercises 7 (first test image) and 8 (accuracy per class)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    job_id: uuid.UUID
+    test_loss: float
+    test_accuracy: float
+    first_image: FirstImage
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]
+    classes: list[str] = Field(description="Class names, in the order of the lists above.")
+    created_at: UtcDatetime
+
+
+class ModelVersionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    version: int
+    net: str
+    job_id: uuid.UUID | None
+    sha256: str
+    size_bytes: int
+    metrics: dict[str, Any]
+    created_at: UtcDatetime
+    aliases: list[str] = Field(default_factory=list, description="Aliases pointing here.")
+    artifact_url: str
+
+
+class ModelSummary(BaseModel):
+    name: str
+    latest_version: ModelVersionPublic
+    versions: int = Field(description="How many versions are registered under this name.")
+    aliases: dict[str, int]
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class RegisteredModelPublic(BaseModel):
+    name: str
+    latest_version: int
+    aliases: dict[str, int]
+    versions: list[ModelVersionPublic]
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Annotated[int, Field(ge=1, le=INT32_MAX), _expected("a version number >= 1")]
+
+
+class AliasPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    alias: str
+    version: int
+    updated_at: UtcDatetime
+
+
+class NetPublic(BaseModel):
+    name: str
+    title: str
+    description: str
+    layout: str
+    notes: str
+    summary_url: str
+
+
+class NetList(BaseModel):
+    nets: list[NetPublic]
+
+
+class LayerSummary(BaseModel):
+    """One row of the calculation table; shapes are lists without the batch axis."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    type: str
+    input_shape: Any
+    output_shape: Any
+    kernel: Any = None
+    stride: Any = None
+    padding: Any = None
+    params: int
+    formula: str | None = None
+    keras_output_shape: Any = None
+    keras_params: int | None = None
+    agrees: bool | None = None
+
+
+class SummaryPublic(BaseModel):
+    """GET /summary/{net}: the parameter and shape calculation, checked against Keras."""
+
+    model_config = ConfigDict(extra="allow")
+
+    net: str
+    layers: list[LayerSummary]
+    total_params: int
+    keras_total_params: int | None = None
+    trainable_params: int | None = None
+    macs_per_image: int | None = None
+    weight_bytes: int | None = None
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]
+    database_backend: str
+    version: str

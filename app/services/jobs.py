@@ -1,0 +1,193 @@
+"""Jobs as the API sees them: create (idempotently), read, list, cancel, and their epochs.
+
+Status changes go through app.states.check_transition, and every change that races a
+worker is one conditional UPDATE, so a job the worker just claimed or finished is never
+overwritten with a stale status.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from app.errors import AppError
+from app.models import EpochMetric, Evaluation, Job
+from app.schemas import JobCreate
+from app.states import InvalidTransition, JobStatus, check_transition
+
+PARAMETER_FIELDS = (
+    "net",
+    "epochs",
+    "batch_size",
+    "validation_split",
+    "optimizer",
+    "learning_rate",
+    "seed",
+    "train_limit",
+    "model_name",
+    "precision",
+)
+# A job row is re-read at most this often when a worker keeps changing it under a cancel.
+_CANCEL_ATTEMPTS = 5
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _job_query() -> Any:
+    # JobPublic reads the evaluation and the produced version; load them with the job.
+    return select(Job).options(selectinload(Job.evaluation), selectinload(Job.model_version))
+
+
+def _by_key(session: Session, key: str) -> Job | None:
+    return session.scalar(_job_query().where(Job.idempotency_key == key))
+
+
+def _check_same_request(job: Job, data: JobCreate) -> None:
+    """A reused Idempotency-Key must carry the same request, else it is a client bug."""
+    wanted = data.parameters()
+    differing = [name for name in PARAMETER_FIELDS if getattr(job, name) != wanted[name]]
+    if differing:
+        raise AppError(
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a job with different parameters "
+            f"({', '.join(differing)}); send a new key for a new job",
+            422,
+        )
+
+
+def create_job(
+    session: Session, data: JobCreate, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Insert a queued job and commit; returns (job, created).
+
+    With an idempotency key that is already stored, the stored job comes back instead
+    (created=False). Two concurrent requests with the same new key both reach the INSERT;
+    the unique constraint lets one win and the other re-reads the winner's row.
+    """
+    if idempotency_key is not None:
+        existing = _by_key(session, idempotency_key)
+        if existing is not None:
+            _check_same_request(existing, data)
+            return existing, False
+    job = Job(
+        id=uuid.uuid4(),
+        status=JobStatus.QUEUED,
+        current_epoch=0,
+        attempts=0,
+        cancel_requested=False,
+        created_at=_now(),
+        idempotency_key=idempotency_key,
+        **data.parameters(),
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _by_key(session, idempotency_key) if idempotency_key is not None else None
+        if existing is None:
+            raise
+        _check_same_request(existing, data)
+        return existing, False
+    return job, True
+
+
+def mark_enqueued(session: Session, job_id: uuid.UUID) -> None:
+    """Record that the broker accepted the job (the sweep re-sends jobs without this)."""
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=_now()))
+    session.commit()
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job:
+    """The job, or AppError 404 `job_not_found`."""
+    job = session.scalar(_job_query().where(Job.id == job_id))
+    if job is None:
+        raise AppError("job_not_found", f"no job with id {job_id}", 404)
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: JobStatus | None = None,
+    net: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Job], int]:
+    """One page of jobs, newest first, and how many match the filters in all."""
+    filters = []
+    if status is not None:
+        filters.append(Job.status == status.value)
+    if net is not None:
+        filters.append(Job.net == net)
+    total = session.scalar(select(func.count()).select_from(Job).where(*filters)) or 0
+    rows = session.scalars(
+        _job_query()
+        .where(*filters)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(rows), total
+
+
+def cancel_job(session: Session, job_id: uuid.UUID) -> Job:
+    """Cancel a job and return it as it now stands.
+
+    queued -> cancelled at once; running -> cancel_requested, and the worker stops the fit
+    at the next batch and marks it cancelled; terminal -> InvalidTransition (409).
+    """
+    for _ in range(_CANCEL_ATTEMPTS):
+        job = get_job(session, job_id)
+        status = JobStatus(job.status)
+        check_transition(status, JobStatus.CANCELLED)
+        if status is JobStatus.QUEUED:
+            statement = (
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+                .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=_now())
+            )
+        else:
+            statement = (
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                .values(cancel_requested=True)
+            )
+        changed = cast(CursorResult[Any], session.execute(statement)).rowcount
+        session.commit()
+        if changed:
+            session.expire_all()
+            return get_job(session, job_id)
+        # A worker changed the status between our read and our UPDATE: look again.
+        session.expire_all()
+    job = get_job(session, job_id)
+    raise InvalidTransition(JobStatus(job.status), JobStatus.CANCELLED)
+
+
+def list_epochs(session: Session, job_id: uuid.UUID) -> Sequence[EpochMetric]:
+    """The finished epochs of a job, in order (they appear while the job still runs)."""
+    return list(
+        session.scalars(
+            select(EpochMetric).where(EpochMetric.job_id == job_id).order_by(EpochMetric.epoch)
+        )
+    )
+
+
+def get_evaluation(session: Session, job_id: uuid.UUID) -> Evaluation:
+    """The job's test-set evaluation, or AppError 404 `no_evaluation` until there is one."""
+    evaluation = session.get(Evaluation, job_id)
+    if evaluation is None:
+        raise AppError(
+            "no_evaluation",
+            f"job {job_id} has no evaluation yet; it is written when training succeeds",
+            404,
+        )
+    return evaluation

@@ -1,0 +1,93 @@
+"""The Alembic migrations build the schema of app.models on PostgreSQL and SQLite, and undo it."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from app.migrate import downgrade, upgrade
+from app.models import Base
+
+TABLES = {"jobs", "epochs", "evaluations", "model_versions", "model_aliases"}
+
+
+def tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def drift(url: str) -> list:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def empty_pg(fresh_pg_database) -> str:
+    return fresh_pg_database()
+
+
+def test_postgresql_upgrade_head_then_downgrade_base(empty_pg):
+    assert tables(empty_pg) == set()
+    upgrade(empty_pg)
+    assert tables(empty_pg) == TABLES
+    assert drift(empty_pg) == []
+    engine = create_engine(empty_pg)
+    try:
+        with engine.connect() as conn:
+            foreign_keys = {
+                (table, fk["referred_table"], tuple(fk["constrained_columns"]))
+                for table in TABLES
+                for fk in inspect(conn).get_foreign_keys(table)
+            }
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+    finally:
+        engine.dispose()
+    # Both sides of the jobs <-> model_versions cycle exist.
+    assert ("jobs", "model_versions", ("model_version_id",)) in foreign_keys
+    assert ("model_versions", "jobs", ("job_id",)) in foreign_keys
+    assert ("model_aliases", "model_versions", ("name", "version")) in foreign_keys
+    downgrade(empty_pg)
+    assert tables(empty_pg) == set()
+    # And back up again: the downgrade left nothing behind that blocks a new upgrade.
+    upgrade(empty_pg)
+    assert tables(empty_pg) == TABLES
+
+
+def test_sqlite_upgrade_head_then_downgrade_base(tmp_path):
+    # The parent folder does not exist yet, like a fresh STATE_DIR.
+    url = f"sqlite:///{tmp_path / 'state' / 'cnn.db'}"
+    upgrade(url)
+    assert tables(url) == TABLES
+    assert drift(url) == []
+    downgrade(url)
+    assert tables(url) == set()
+
+
+def test_the_migrated_schema_enforces_the_models_constraints(tmp_path):
+    """On SQLite (batch mode rebuilt jobs), the unique key on idempotency_key survived."""
+    url = f"sqlite:///{tmp_path / 'cnn.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            uniques = inspect(conn).get_unique_constraints("jobs")
+            indexes = {ix["name"] for ix in inspect(conn).get_indexes("jobs")}
+    finally:
+        engine.dispose()
+    assert [u["column_names"] for u in uniques] == [["idempotency_key"]]
+    assert {"ix_jobs_created_at", "ix_jobs_net", "ix_jobs_status"} <= indexes
+
+
+def test_models_and_migrations_do_not_drift_on_the_shared_database(db_url):
+    assert drift(db_url) == []
