@@ -23,12 +23,14 @@ def create_celery(settings: Settings | None = None) -> Celery:
     transport_options: dict[str, object] = {}
     if settings.embedded_broker:
         folder = settings.broker_dir
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            # Without this kombu writes its exchange tables to ./control in the cwd.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     else:
