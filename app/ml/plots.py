@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from app.ml.analysis import analyse
+
+
+def _series(epochs: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    """One metric per epoch; a missing value becomes NaN, which matplotlib leaves as a gap."""
+    return [math.nan if row.get(key) is None else float(row[key]) for row in epochs]
 
 
 def history_png(epochs: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
@@ -24,9 +30,9 @@ def history_png(epochs: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
         (fig.add_subplot(1, 2, 1), "accuracy", "Accuracy"),
         (fig.add_subplot(1, 2, 2), "loss", "Loss"),
     ):
-        ax.plot(xs, [row.get(key) for row in epochs], "o-", label=f"training {key}")
-        val = [row.get(f"val_{key}") for row in epochs]
-        if any(v is not None for v in val):
+        ax.plot(xs, _series(epochs, key), "o-", label=f"training {key}")
+        val = _series(epochs, f"val_{key}")
+        if not all(math.isnan(v) for v in val):
             ax.plot(xs, val, "s-", label=f"validation {key}")
         if best is not None:
             ax.axvline(best, color="grey", linestyle=":", label=f"lowest val_loss (epoch {best})")
