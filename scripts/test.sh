@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/services.sh
 .venv/bin/ruff check app worker migrations tests bench
+.venv/bin/mypy
 .venv/bin/python -m pytest "$@"
