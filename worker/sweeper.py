@@ -1,0 +1,58 @@
+"""The periodic sweep, as a thread inside every worker process.
+
+Every worker sweeps (no separate beat service to deploy or to forget): a deployment that
+can run jobs has at least one worker, and the sweep's conditional UPDATEs make any number
+of concurrent sweepers safe. The sweep is also a task (worker.tasks.sweep_jobs) for
+anyone who prefers celery beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+from app.config import Settings
+from app.db import session_factory
+from app.services import execution
+from app.services.dispatch import enqueue_training
+
+log = logging.getLogger(__name__)
+
+
+def send_training(settings: Settings, job_id: uuid.UUID) -> None:
+    """Enqueue through the API's dispatcher; raise so the sweep can retry a failed send."""
+    if not enqueue_training(settings, job_id):
+        raise ConnectionError(f"the broker did not accept job {job_id}")
+
+
+def sweep_once(settings: Settings) -> execution.SweepReport:
+    with session_factory(settings)() as session:
+        report = execution.sweep(session, settings, lambda job_id: send_training(settings, job_id))
+    for what in ("requeued", "failed", "cancelled", "resent"):
+        ids = getattr(report, what)
+        if ids:
+            log.info("sweep %s %d job(s): %s", what, len(ids), ", ".join(map(str, ids)))
+    return report
+
+
+class Sweeper(threading.Thread):
+    """Runs sweep_once at start and then every SWEEP_INTERVAL_S until stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="sweeper", daemon=True)
+        self.settings = settings
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                sweep_once(self.settings)
+            except Exception:  # the database may be briefly away; try again next round
+                log.exception("sweep failed")
+            if self._halt.wait(self.settings.SWEEP_INTERVAL_S):
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)

@@ -1,0 +1,89 @@
+"""Celery tasks: thin wrappers that take a job id and call the app code.
+
+Run a worker with `cnn worker` (worker.run), or with Celery's own command:
+
+    CUDA_VISIBLE_DEVICES=0 celery -A worker.tasks worker --pool solo --concurrency 1 \
+        --prefetch-multiplier 1 -Q training,maintenance
+
+`--pool solo` runs each task in the worker's main process: TensorFlow is imported there
+(lazily, on the first job) and never in a process that forks afterwards. One worker
+process per GPU, pinned with CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Task, shared_task, signals
+from celery.exceptions import Reject
+
+from app.config import Settings, get_settings
+from worker.celery_app import SWEEP_TASK, TRAIN_TASK, create_celery
+
+log = logging.getLogger(__name__)
+
+_settings: Settings | None = None
+# Set when the worker begins a warm shutdown (SIGTERM, Ctrl-C): the running fit stops at
+# the next batch and its job goes back to the queue instead of holding the shutdown up.
+shutdown_requested = threading.Event()
+_sweeper: Any = None
+
+
+def use_settings(settings: Settings) -> None:
+    """Make the tasks of this process use `settings` instead of the environment's."""
+    global _settings
+    _settings = settings
+
+
+def current_settings() -> Settings:
+    return _settings or get_settings()
+
+
+# `celery -A worker.tasks` finds this app; worker.run builds its own from explicit settings.
+celery_app = create_celery()
+
+
+@shared_task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def train_job(self: Task, job_id: str) -> str:
+    """Claim and run one training job; a duplicate delivery returns at once."""
+    from app.training_job import run_job
+
+    if shutdown_requested.is_set():
+        # Celery's loop takes one more message after a warm shutdown began: hand it back
+        # untouched rather than claim a job only to requeue it a moment later.
+        raise Reject("the worker is shutting down", requeue=True)
+
+    return run_job(
+        current_settings(), job_id, self.request.hostname or "worker", shutdown=shutdown_requested
+    )
+
+
+@shared_task(name=SWEEP_TASK)
+def sweep_jobs() -> dict[str, list[str]]:
+    """One sweep (for celery beat or a manual `celery call`); workers also sweep by themselves."""
+    from worker.sweeper import sweep_once
+
+    report = sweep_once(current_settings())
+    return {key: [str(i) for i in ids] for key, ids in vars(report).items()}
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    global _sweeper
+    from worker.sweeper import Sweeper
+
+    _sweeper = Sweeper(current_settings())
+    _sweeper.start()
+
+
+@signals.worker_shutting_down.connect
+def _stop_training(**_: Any) -> None:
+    shutdown_requested.set()
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
