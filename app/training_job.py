@@ -247,16 +247,29 @@ class _Runner:
     def _align_checkpoint(self, checkpoint_dir: Path) -> bool:
         """Make the checkpoint and the stored history agree before resuming.
 
-        The training core writes the checkpoint just before it reports the epoch, so a
-        worker killed between the two leaves a checkpoint one epoch ahead of the history;
-        a checkpoint folder that is missing (another host without the shared artifact
-        volume) leaves it behind. Resuming from either would leave a gap or mix two runs in
-        the history, so such a job restarts from epoch 1 instead.
+        The training core writes the checkpoint (with every epoch record so far) just
+        before it reports the epoch, so a worker killed between the two leaves the
+        checkpoint ahead of the history: the missing rows are refilled from the
+        checkpoint's records. A checkpoint behind the history (a host without the shared
+        artifact volume) cannot be resumed without a gap, so such a job restarts from 1.
         """
-        from app.ml.training import checkpoint_epoch
+        from app.ml.training import checkpoint_epoch, checkpoint_records
 
         done = checkpoint_epoch(checkpoint_dir)
         recorded = self._db(execution.last_recorded_epoch)
+        if done > recorded:
+            missing = [r for r in checkpoint_records(checkpoint_dir) if r.epoch > recorded]
+            if [r.epoch for r in missing] == list(range(recorded + 1, done + 1)):
+                for record in missing:
+                    if not self._db(execution.record_epoch, record, attempt=self.attempt):
+                        return False
+                log.info(
+                    "job %s: refilled epochs %d-%d from its checkpoint",
+                    self.job.id,
+                    recorded + 1,
+                    done,
+                )
+                recorded = done
         if done == recorded:
             if done:
                 log.info("job %s resumes after epoch %d", self.job.id, done)

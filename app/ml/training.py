@@ -158,27 +158,40 @@ def resolve_precision(requested: str) -> str:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def checkpoint_epoch(checkpoint_dir: Path | None) -> int:
-    """The last completed epoch stored in `checkpoint_dir`, 0 if there is no usable checkpoint."""
+def _checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any]:
     if checkpoint_dir is None:
-        return 0
+        return {}
     state_file = checkpoint_dir / CHECKPOINT_STATE
     if not state_file.is_file() or not (checkpoint_dir / CHECKPOINT_MODEL).is_file():
-        return 0
+        return {}
     try:
-        return int(json.loads(state_file.read_text())["epoch"])
+        state = json.loads(state_file.read_text())
+        int(state["epoch"])
     except (ValueError, KeyError, TypeError):
-        return 0
+        return {}
+    return dict(state)
 
 
-def _write_checkpoint(model: keras.Model, checkpoint_dir: Path, epoch: int) -> None:
-    """Model + optimizer state, then the epoch marker; each file replaced atomically."""
+def checkpoint_epoch(checkpoint_dir: Path | None) -> int:
+    """The last completed epoch stored in `checkpoint_dir`, 0 if there is no usable checkpoint."""
+    return int(_checkpoint_state(checkpoint_dir).get("epoch", 0))
+
+
+def checkpoint_records(checkpoint_dir: Path | None) -> list[EpochRecord]:
+    """Every epoch record up to the checkpoint, so a caller can refill rows it never stored."""
+    rows = _checkpoint_state(checkpoint_dir).get("records", [])
+    return [EpochRecord(**row) for row in rows]
+
+
+def _write_checkpoint(model: keras.Model, checkpoint_dir: Path, records: list[EpochRecord]) -> None:
+    """Model + optimizer state, then the epoch marker with the records; each replaced atomically."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     tmp_model = checkpoint_dir / f"tmp-{os.getpid()}.keras"
     model.save(tmp_model)
     os.replace(tmp_model, checkpoint_dir / CHECKPOINT_MODEL)
+    state = {"epoch": records[-1].epoch, "records": [r.to_dict() for r in records]}
     tmp_state = checkpoint_dir / f"tmp-{os.getpid()}.json"
-    tmp_state.write_text(json.dumps({"epoch": epoch}))
+    tmp_state.write_text(json.dumps(state))
     os.replace(tmp_state, checkpoint_dir / CHECKPOINT_STATE)
 
 
@@ -234,6 +247,7 @@ def _make_callback(
     should_stop: Callable[[], bool] | None,
     checkpoint_dir: Path | None,
     records: list[EpochRecord],
+    earlier: list[EpochRecord],
 ) -> Any:
     import keras
 
@@ -269,7 +283,7 @@ def _make_callback(
                 images_per_second=n_train / train_seconds,
             )
             if checkpoint_dir is not None:
-                _write_checkpoint(self.model, checkpoint_dir, record.epoch)
+                _write_checkpoint(self.model, checkpoint_dir, [*earlier, *records, record])
             records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
@@ -314,7 +328,10 @@ def train(
     records: list[EpochRecord] = []
     cancelled = False
     if done < config.epochs:
-        reporter = _make_callback(len(x_train), on_epoch, should_stop, checkpoint_dir, records)
+        earlier = checkpoint_records(checkpoint_dir) if done else []
+        reporter = _make_callback(
+            len(x_train), on_epoch, should_stop, checkpoint_dir, records, earlier
+        )
         try:
             model.fit(
                 x_train,
