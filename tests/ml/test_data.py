@@ -410,14 +410,14 @@ def test_subset_is_seeded_paired_and_bounded(archives):
         subset(d, 0)
 
 
-# --- the real archive (skipped when absent; decoded once, then served from the pytest cache) ---
+# --- the real archive (skipped when absent; decoded once, then served from var/test-cache) ---
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_ARCHIVE.is_file(), reason=f"{REAL_ARCHIVE} is not here")
-def test_real_jpeg_archive(pytestconfig, tmp_path):
-    # The pytest cache outlives the run, so only the first run pays the decode (~10 s).
-    cache = pytestconfig.cache.mkdir("cifar10-jpeg") if hasattr(pytestconfig, "cache") else tmp_path
+def test_real_jpeg_archive():
+    # The same cache folder as the worker tests' (git-ignored var/), so a run decodes once.
+    cache = Path(__file__).resolve().parents[2] / "var" / "test-cache"
     d = load_cifar10(str(REAL_ARCHIVE), cache)
     assert_shapes(d, 50_000, 10_000)
     assert np.bincount(d.y_train).tolist() == [5000] * 10
