@@ -26,13 +26,14 @@ class LayerCalc:
     type: str
     input_shape: list[int]
     output_shape: list[int]
-    kernel: list[int] | None
-    stride: list[int] | None
-    padding: list[float] | None
-    params: int
-    trainable_params: int
-    macs: int
     formula: str
+    # Window layers (convolution, pooling) fill these; weightless layers keep the zeros.
+    kernel: list[int] | None = None
+    stride: list[int] | None = None
+    padding: list[float] | None = None
+    params: int = 0
+    trainable_params: int = 0
+    macs: int = 0
     keras_output_shape: list[int] = field(default_factory=list)
     keras_params: int = 0
     agrees: bool = False
@@ -110,9 +111,6 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
             kernel=[m, n],
             stride=[sh, sw],
             padding=[ph, pw],
-            params=0,
-            trainable_params=0,
-            macs=0,
             formula=f"P = 0 (pooling has no weights); O = {fh}",
         )
     if kind == "Flatten":
@@ -121,12 +119,6 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
         return LayerCalc(
             **base,
             output_shape=[size],
-            kernel=None,
-            stride=None,
-            padding=None,
-            params=0,
-            trainable_params=0,
-            macs=0,
             formula=f"P = 0; O = {dims} = {size:,}",
         )
     if kind == "Dense":
@@ -136,9 +128,6 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
         return LayerCalc(
             **base,
             output_shape=[*in_shape[:-1], n_out],
-            kernel=None,
-            stride=None,
-            padding=None,
             params=params,
             trainable_params=params,
             macs=n_in * n_out,
@@ -148,12 +137,6 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
         return LayerCalc(
             **base,
             output_shape=list(in_shape),
-            kernel=None,
-            stride=None,
-            padding=None,
-            params=0,
-            trainable_params=0,
-            macs=0,
             formula="P = 0; O = input shape",
         )
     if kind == "BatchNormalization":
@@ -163,12 +146,8 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
         return LayerCalc(
             **base,
             output_shape=list(in_shape),
-            kernel=None,
-            stride=None,
-            padding=None,
             params=4 * channels,
             trainable_params=2 * channels,
-            macs=0,
             formula=f"P = 4 * {channels} = {4 * channels:,} "
             "(gamma, beta trainable; moving mean, variance not)",
         )
@@ -176,12 +155,6 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
         return LayerCalc(
             **base,
             output_shape=[in_shape[-1]],
-            kernel=None,
-            stride=None,
-            padding=None,
-            params=0,
-            trainable_params=0,
-            macs=0,
             formula=f"P = 0; O = {in_shape[-1]} channels",
         )
     raise NotImplementedError(f"no formula for layer type {kind} ({layer.name})")

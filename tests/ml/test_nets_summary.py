@@ -76,3 +76,31 @@ def test_output_size_formula():
 def test_table_mentions_totals():
     text = format_table(summarize("net2"))
     assert "686,090" in text and "agree with Keras: yes" in text
+
+
+def test_formulas_for_layers_better_nets_will_use():
+    """BatchNormalization, global pooling and strided 'same' convolutions agree with Keras too."""
+    import keras
+    from keras import layers
+
+    from app.ml.summary import _calc_layer
+
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(32, 32, 3)),
+            layers.Conv2D(16, 3, strides=2, padding="same"),
+            layers.BatchNormalization(),
+            layers.Activation("relu"),
+            layers.AveragePooling2D(2),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ]
+    )
+    shape = [32, 32, 3]
+    for layer in model.layers:
+        calc = _calc_layer(layer, shape)
+        assert calc.params == layer.count_params(), layer.name
+        assert calc.output_shape == [int(d) for d in layer.output.shape[1:]], layer.name
+        shape = calc.output_shape
+    bn = _calc_layer(model.layers[1], [16, 16, 16])
+    assert (bn.params, bn.trainable_params) == (64, 32)
