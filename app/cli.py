@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import get_settings
+from app.ml.params import OPTIMIZERS, PRECISIONS, default
 
 
 def _cmd_nets(_: argparse.Namespace) -> int:
@@ -60,17 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from app.ml.training import TrainConfig, train
 
     settings = get_settings()
-    config = TrainConfig(
-        net=args.net,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_split=args.validation_split,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        train_limit=args.train_limit,
-        precision=args.precision or settings.PRECISION,
-    )
+    config = TrainConfig.from_attributes(args, precision=args.precision or settings.PRECISION)
     source = args.data or settings.CIFAR10_SOURCE
     print(f"loading CIFAR-10 from {source} ...", flush=True)
     data = load_cifar10(source, cache_dir=settings.cache_dir)
@@ -166,16 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("net")
     p.add_argument("--data", help="CIFAR-10 source: 'keras' or a path (default: CIFAR10_SOURCE)")
     p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--validation-split", type=float, default=0.2)
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "rmsprop"])
-    p.add_argument("--learning-rate", type=float, default=0.001)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=default("epochs"))
+    p.add_argument("--batch-size", type=int, default=default("batch_size"))
+    p.add_argument("--validation-split", type=float, default=default("validation_split"))
+    p.add_argument("--optimizer", default=default("optimizer"), choices=OPTIMIZERS)
+    p.add_argument("--learning-rate", type=float, default=default("learning_rate"))
+    p.add_argument("--seed", type=int, default=default("seed"))
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N images")
-    p.add_argument(
-        "--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"], default=None
-    )
+    p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+from app.ml.params import Precision
 
 
 class Settings(BaseSettings):

@@ -22,14 +22,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.ml.nets import NETS
+from app.ml.params import Optimizer, default
+from app.ml.params import Precision as PrecisionChoice
 from app.states import JobStatus
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 ALIAS_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 INT32_MAX = 2**31 - 1  # the jobs columns are 32-bit INTEGER on PostgreSQL
-
-Optimizer = Literal["adam", "sgd", "rmsprop"]
-PrecisionChoice = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 
 
 def _expected(description: str) -> WrapValidator:
@@ -89,12 +88,12 @@ class JobCreate(BaseModel):
     )
 
     net: str = Field(description="A registered architecture, see GET /nets.")
-    epochs: Epochs = 20
-    batch_size: BatchSize = 128
-    validation_split: ValidationSplit = 0.2
-    optimizer: Optimizer = "adam"
-    learning_rate: LearningRate = 0.001
-    seed: Seed = 0
+    epochs: Epochs = default("epochs")
+    batch_size: BatchSize = default("batch_size")
+    validation_split: ValidationSplit = default("validation_split")
+    optimizer: Optimizer = default("optimizer")
+    learning_rate: LearningRate = default("learning_rate")
+    seed: Seed = default("seed")
     train_limit: TrainLimit = Field(
         default=None, description="Train on the first N training images only (smoke runs)."
     )

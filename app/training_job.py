@@ -181,17 +181,7 @@ class _Runner:
         configure_devices()
         self.device = describe_device()
         requested = job.precision or settings.PRECISION
-        config = TrainConfig(
-            net=job.net,
-            epochs=job.epochs,
-            batch_size=job.batch_size,
-            validation_split=job.validation_split,
-            optimizer=job.optimizer,
-            learning_rate=job.learning_rate,
-            seed=job.seed,
-            train_limit=job.train_limit,
-            precision=requested,
-        )
+        config = TrainConfig.from_attributes(job, precision=requested)
         # Resolve `auto` once and store it, so a resumed attempt uses the same policy.
         config = dataclasses.replace(config, precision=resolve_precision(requested))
         if not self._db(

@@ -19,66 +19,17 @@ import numpy as np
 
 from app.ml.data import Cifar10, normalise, subset
 from app.ml.nets import get_net
+from app.ml.params import TrainConfig
 
 if TYPE_CHECKING:
     import keras
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 CHECKPOINT_MODEL = "checkpoint.keras"
 CHECKPOINT_STATE = "checkpoint.json"
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One run's parameters; the defaults are the course's (Adam, batch 128, 20% split, 20 epochs)."""
-
-    net: str
-    epochs: int = 20
-    batch_size: int = 128
-    validation_split: float = 0.2
-    optimizer: str = "adam"
-    learning_rate: float = 0.001
-    seed: int = 0
-    train_limit: int | None = None
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        get_net(self.net)
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}"),
-            (
-                self.batch_size >= 1,
-                f"batch_size must be >= 1. Received: batch_size={self.batch_size}",
-            ),
-            (
-                0.0 <= self.validation_split < 1.0,
-                f"validation_split must be in [0, 1). Received: validation_split={self.validation_split}",
-            ),
-            (
-                self.optimizer in OPTIMIZERS,
-                f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={self.optimizer!r}",
-            ),
-            (
-                self.learning_rate > 0,
-                f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
-            ),
-            (
-                self.precision in PRECISIONS,
-                f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}",
-            ),
-            (
-                self.train_limit is None or self.train_limit >= 2,
-                f"train_limit must be >= 2 when set. Received: train_limit={self.train_limit}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 @dataclass(frozen=True)
