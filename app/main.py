@@ -19,6 +19,7 @@ from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import error_body, install_error_handlers
 from app.services.registry import ModelNotFound
+from app.serving.service import PredictionService
 from app.states import InvalidTransition, is_terminal
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     sessions = session_factory(settings)
+    prediction = PredictionService(settings, sessions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API up, database backend %s", sessions.kw["bind"].dialect.name)
+        await prediction.start()
         yield
+        await prediction.stop()
         # Return pooled connections now rather than at interpreter exit.
         sessions.kw["bind"].dispose()
 
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
+    app.state.prediction = prediction
     install_error_handlers(app)
     _install_domain_handlers(app)
     for router in (

@@ -184,7 +184,11 @@ class Server:
         self.name, self.port = name, port
         self.log = open(log, "wb")
         self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+            cmd,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             start_new_session=True,
         )
 
@@ -260,8 +264,14 @@ def register(state: Path, paths: dict[str, Path]) -> None:
         for name, path in paths.items():
             data = path.read_bytes()
             registry.register_version(
-                session, name=name, net=name, job_id=None, artifact_path=str(path),
-                sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), metrics={},
+                session,
+                name=name,
+                net=name,
+                job_id=None,
+                artifact_path=str(path),
+                sha256=hashlib.sha256(data).hexdigest(),
+                size_bytes=len(data),
+                metrics={},
             )
         session.commit()
 
@@ -305,8 +315,11 @@ def make_bodies(folder: Path, nets: list[str]) -> dict[str, Path]:
         pngs.append({"b64": base64.b64encode(buf.getvalue()).decode()})
 
     def tensor(arr: Any) -> dict[str, Any]:
-        return {"b64": base64.b64encode(arr.tobytes()).decode(), "shape": list(arr.shape),
-                "dtype": "uint8"}
+        return {
+            "b64": base64.b64encode(arr.tobytes()).decode(),
+            "shape": list(arr.shape),
+            "dtype": "uint8",
+        }
 
     files: dict[str, Path] = {}
 
@@ -338,8 +351,12 @@ def main() -> int:
     parser.add_argument("--label", default="", help="a name for this run (e.g. before, after)")
     parser.add_argument("--quick", action="store_true", help="shorter loads (a smoke run)")
     parser.add_argument("--rss-requests", type=int, default=10_000)
-    parser.add_argument("--service-workers", type=int, default=1,
-                        help="API worker processes of the measured service")
+    parser.add_argument(
+        "--service-workers",
+        type=int,
+        default=1,
+        help="API worker processes of the measured service",
+    )
     args = parser.parse_args()
     nets = args.nets.split(",")
     scale = 0.4 if args.quick else 1.0
@@ -353,11 +370,18 @@ def main() -> int:
     register(state, paths)
     bodies = make_bodies(tmp, nets)
     rates = ceiling(paths, nets)
-    print("ceiling (in-process compiled, batch 64):",
-          {k: round(v) for k, v in rates.items()}, flush=True)
+    print(
+        "ceiling (in-process compiled, batch 64):",
+        {k: round(v) for k, v in rates.items()},
+        flush=True,
+    )
 
-    env = {**os.environ, "STATE_DIR": str(state), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "STATE_DIR": str(state),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("DATABASE_URL", None)
     env.pop("CELERY_BROKER_URL", None)
     py = sys.executable
@@ -367,25 +391,55 @@ def main() -> int:
         port = free_port()
         return Server(
             f"service-w{workers}",
-            [py, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", str(workers), "--log-level", "warning",
-             "--no-access-log"],
-            {**env, "API_WORKERS": str(workers)}, port, tmp / f"service-w{workers}.log",
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "app.main:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            {**env, "API_WORKERS": str(workers)},
+            port,
+            tmp / f"service-w{workers}.log",
         )
 
     servers: dict[str, Server] = {}
     load = LoadGen()
     results: dict[str, Any] = {
-        "label": args.label, "machine": machine(), "command": " ".join(sys.argv),
-        "ceiling_images_per_s": rates, "nets": {}, "service_workers": args.service_workers,
+        "label": args.label,
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "ceiling_images_per_s": rates,
+        "nets": {},
+        "service_workers": args.service_workers,
     }
     try:
         servers["service"] = service(args.service_workers)
         for kind in ("naive", "compiled"):
             port = free_port()
             servers[kind] = Server(
-                kind, [py, str(ROOT / "bench" / "serving_baselines.py"), kind, "--port",
-                       str(port), *model_args], env, port, tmp / f"{kind}.log")
+                kind,
+                [
+                    py,
+                    str(ROOT / "bench" / "serving_baselines.py"),
+                    kind,
+                    "--port",
+                    str(port),
+                    *model_args,
+                ],
+                env,
+                port,
+                tmp / f"{kind}.log",
+            )
         for s in servers.values():
             s.wait_ready()
         svc, naive, comp = servers["service"], servers["naive"], servers["compiled"]
@@ -395,12 +449,22 @@ def main() -> int:
 
         # Warm every endpoint and model (the service loads a model on first use).
         for net in nets + ["net2"]:
-            load.run(port=svc.port, clients=1, duration=30, max_requests=3,
-                     requests=[req(f"svc-inst1-{net}", "/predict")])
+            load.run(
+                port=svc.port,
+                clients=1,
+                duration=30,
+                max_requests=3,
+                requests=[req(f"svc-inst1-{net}", "/predict")],
+            )
         for s in (naive, comp):
             for net in nets:
-                load.run(port=s.port, clients=1, duration=30, max_requests=3,
-                         requests=[req("base-inst1", f"/predict/{net}")])
+                load.run(
+                    port=s.port,
+                    clients=1,
+                    duration=30,
+                    max_requests=3,
+                    requests=[req("base-inst1", f"/predict/{net}")],
+                )
 
         for net in nets:
             r: dict[str, Any] = {}
@@ -410,50 +474,104 @@ def main() -> int:
                 "naive": (naive.port, lambda k, n=net: req(f"base-{k}", f"/predict/{n}")),
             }
             for ep, (port, mk) in endpoints.items():
-                r[f"{ep}/1client"] = load.run(port=port, clients=1, duration=3 * scale,
-                                              max_requests=400, requests=[mk("inst1")])
-                r[f"{ep}/32clients"] = load.run(port=port, clients=32, duration=5 * scale,
-                                                requests=[mk("inst1")])
+                r[f"{ep}/1client"] = load.run(
+                    port=port,
+                    clients=1,
+                    duration=3 * scale,
+                    max_requests=400,
+                    requests=[mk("inst1")],
+                )
+                r[f"{ep}/32clients"] = load.run(
+                    port=port, clients=32, duration=5 * scale, requests=[mk("inst1")]
+                )
                 r[f"{ep}/64img-instances"] = load.run(
-                    port=port, clients=4, duration=4 * scale, images_per_request=64,
-                    requests=[mk("inst64")])
-                print(net, ep, {k.split("/")[1]: summary(v) for k, v in r.items()
-                                if k.startswith(ep)}, flush=True)
+                    port=port,
+                    clients=4,
+                    duration=4 * scale,
+                    images_per_request=64,
+                    requests=[mk("inst64")],
+                )
+                print(
+                    net,
+                    ep,
+                    {k.split("/")[1]: summary(v) for k, v in r.items() if k.startswith(ep)},
+                    flush=True,
+                )
             svc_extra = {
                 "1client-tensor": (1, 1, req(f"svc-tensor1-{net}", "/predict")),
-                "1client-octet": (1, 1, req("raw1", f"/predict?model={net}&shape=1,32,32,3",
-                                            "application/octet-stream")),
-                "32clients-octet": (32, 1, req("raw1", f"/predict?model={net}&shape=1,32,32,3",
-                                               "application/octet-stream")),
+                "1client-octet": (
+                    1,
+                    1,
+                    req(
+                        "raw1", f"/predict?model={net}&shape=1,32,32,3", "application/octet-stream"
+                    ),
+                ),
+                "32clients-octet": (
+                    32,
+                    1,
+                    req(
+                        "raw1", f"/predict?model={net}&shape=1,32,32,3", "application/octet-stream"
+                    ),
+                ),
                 "64img-tensor": (4, 64, req(f"svc-tensor64-{net}", "/predict")),
-                "64img-octet": (4, 64, req("raw64", f"/predict?model={net}&shape=64,32,32,3",
-                                           "application/octet-stream")),
+                "64img-octet": (
+                    4,
+                    64,
+                    req(
+                        "raw64",
+                        f"/predict?model={net}&shape=64,32,32,3",
+                        "application/octet-stream",
+                    ),
+                ),
                 "64img-png": (4, 64, req(f"svc-png64-{net}", "/predict")),
             }
             for key, (clients, per, spec) in svc_extra.items():
                 r[f"service/{key}"] = load.run(
-                    port=svc.port, clients=clients, duration=(3 if clients == 1 else 4) * scale,
-                    max_requests=400 if clients == 1 else None, images_per_request=per,
-                    requests=[spec])
-            print(net, "service extra", {k: summary(v) for k, v in r.items()
-                                         if k.split("/")[1] in svc_extra}, flush=True)
+                    port=svc.port,
+                    clients=clients,
+                    duration=(3 if clients == 1 else 4) * scale,
+                    max_requests=400 if clients == 1 else None,
+                    images_per_request=per,
+                    requests=[spec],
+                )
+            print(
+                net,
+                "service extra",
+                {k: summary(v) for k, v in r.items() if k.split("/")[1] in svc_extra},
+                flush=True,
+            )
             results["nets"][net] = r
 
         first = nets[0]
         results["health_under_load"] = load.run(
-            port=svc.port, clients=64, duration=5 * scale, side="/health",
-            requests=[req(f"svc-inst1-{first}", "/predict")])
+            port=svc.port,
+            clients=64,
+            duration=5 * scale,
+            side="/health",
+            requests=[req(f"svc-inst1-{first}", "/predict")],
+        )
         print("health under load", summary(results["health_under_load"]["side"]), flush=True)
 
         # Resident memory over N requests spread over three models (1 image each).
         rss_start = svc.rss_mb()
-        rss = load.run(port=svc.port, clients=32, duration=300, max_requests=args.rss_requests,
-                       requests=[req(f"svc-inst1-{n}", "/predict") for n in ("net1", "net2", "net3")
-                                 if f"svc-inst1-{n}" in bodies])
+        rss = load.run(
+            port=svc.port,
+            clients=32,
+            duration=300,
+            max_requests=args.rss_requests,
+            requests=[
+                req(f"svc-inst1-{n}", "/predict")
+                for n in ("net1", "net2", "net3")
+                if f"svc-inst1-{n}" in bodies
+            ],
+        )
         rss["rss_start_mb"], rss["rss_end_mb"] = rss_start, svc.rss_mb()
         results["rss"] = rss
-        print(f"RSS {rss_start:.0f} -> {rss['rss_end_mb']:.0f} MB over {rss['requests']} "
-              f"requests ({rss['errors']} errors)", flush=True)
+        print(
+            f"RSS {rss_start:.0f} -> {rss['rss_end_mb']:.0f} MB over {rss['requests']} "
+            f"requests ({rss['errors']} errors)",
+            flush=True,
+        )
 
         # One extra service with the other number of API worker processes: 1 vs 2.
         naive.stop()
@@ -462,18 +580,35 @@ def main() -> int:
         svc2 = servers["service-other"] = service(other)
         svc2.wait_ready()
         for n in nets:
-            load.run(port=svc2.port, clients=2, duration=60, max_requests=6,
-                     requests=[req(f"svc-inst1-{n}", "/predict")])
+            load.run(
+                port=svc2.port,
+                clients=2,
+                duration=60,
+                max_requests=6,
+                requests=[req(f"svc-inst1-{n}", "/predict")],
+            )
         workers: dict[str, Any] = {}
         for w, s in ((args.service_workers, svc), (other, svc2)):
-            workers[f"{w}/1client"] = load.run(port=s.port, clients=1, duration=3 * scale,
-                                               max_requests=400,
-                                               requests=[req(f"svc-inst1-{first}", "/predict")])
-            workers[f"{w}/32clients"] = load.run(port=s.port, clients=32, duration=5 * scale,
-                                                 requests=[req(f"svc-inst1-{first}", "/predict")])
+            workers[f"{w}/1client"] = load.run(
+                port=s.port,
+                clients=1,
+                duration=3 * scale,
+                max_requests=400,
+                requests=[req(f"svc-inst1-{first}", "/predict")],
+            )
+            workers[f"{w}/32clients"] = load.run(
+                port=s.port,
+                clients=32,
+                duration=5 * scale,
+                requests=[req(f"svc-inst1-{first}", "/predict")],
+            )
             workers[f"{w}/64img-instances"] = load.run(
-                port=s.port, clients=4, duration=4 * scale, images_per_request=64,
-                requests=[req(f"svc-inst64-{first}", "/predict")])
+                port=s.port,
+                clients=4,
+                duration=4 * scale,
+                images_per_request=64,
+                requests=[req(f"svc-inst64-{first}", "/predict")],
+            )
         results["workers"] = workers
         print("workers", {k: summary(v) for k, v in workers.items()}, flush=True)
     finally:
@@ -575,8 +710,10 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {ratio(s['images_per_s'], c['images_per_s']) if ok(s) and ok(c) else ''} |"
             )
     lines.append("")
-    lines.append("Load generator CPU (fraction of one core), highest seen: "
-                 f"{max(v['loadgen_cpu'] for r in res['nets'].values() for v in r.values()):.2f}")
+    lines.append(
+        "Load generator CPU (fraction of one core), highest seen: "
+        f"{max(v['loadgen_cpu'] for r in res['nets'].values() for v in r.values()):.2f}"
+    )
     h = res.get("health_under_load")
     if h:
         lines.append(
@@ -594,8 +731,10 @@ def markdown(res: dict[str, Any]) -> str:
     w = res.get("workers")
     if w:
         lines.append("")
-        lines.append("| API worker processes | 1 client p50 | 32 clients images/s (p99) "
-                     "| 64-image JSON images/s |")
+        lines.append(
+            "| API worker processes | 1 client p50 | 32 clients images/s (p99) "
+            "| 64-image JSON images/s |"
+        )
         lines.append("|---|---|---|---|")
         for n in sorted({k.split("/")[0] for k in w}):
             lines.append(

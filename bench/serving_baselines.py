@@ -9,8 +9,6 @@ Both answer POST /predict/{name} with {"instances": [...]} (pixels 0-255) and re
 {"predictions": [[10 probabilities], ...]}.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -49,8 +47,10 @@ def compiled_app(paths: dict[str, str]):  # type: ignore[no-untyped-def]
     app, fns = FastAPI(), {}
     for name, path in paths.items():
         model = keras.saving.load_model(path, compile=False)
-        fn = tf.function(lambda x, m=model: m(x, training=False),
-                         input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.float32)])
+        fn = tf.function(
+            lambda x, m=model: m(x, training=False),
+            input_signature=[tf.TensorSpec((None, 32, 32, 3), tf.float32)],
+        )
         fn(np.zeros((1, 32, 32, 3), np.float32))  # trace once
         fns[name] = fn
 

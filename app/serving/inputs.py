@@ -1,0 +1,272 @@
+"""Prediction input: every accepted form -> validated options and one float32 batch.
+
+The one owner of /predict's input rules. The routers hand over the transport (the body's
+bytes, its media type, the query parameters); this module parses, checks and decodes, and
+raises only `InputError` (a stable code plus a message that says what was expected and what
+came, never the payload). Forms:
+
+- JSON `instances`: (N, 32, 32, 3) nested lists of pixel values 0-255 (TF Serving rows);
+- JSON `images`: [{"b64": standard base64 of a PNG or JPEG}];
+- JSON `tensor`: {"b64": base64 of the raw uint8 bytes, "shape": [N, 32, 32, 3], "dtype": "uint8"};
+- `application/octet-stream`: the raw uint8 bytes, the shape in the `shape` query parameter or
+  the `X-Tensor-Shape` header (N alone may be left out: `shape=32,32,3` or no shape at all
+  means as many images as the length holds).
+
+Work is split in two steps so that the caller can resolve the model in between: `parse_*`
+checks the options and the structure (cheap, bounded by the body size; `instances` and raw
+tensors come out as the batch right away), `decode_images` decodes PNG/JPEG pixels, the
+expensive step, only once the model is known to exist. Every form ends as the same float32
+array (pixels / 255), so the same pixels give the same probabilities to the last bit
+whichever form carried them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from app.ml.data import normalise
+from app.ml.inference import (
+    InputError,
+    PixelBudget,
+    decode_b64,
+    decode_image,
+    instances_to_batch,
+    parse_json,
+)
+from app.ml.nets import INPUT_SHAPE
+from app.schemas import PredictOptions
+
+IMAGE_BYTES = math.prod(INPUT_SHAPE)
+_FORMS = ("instances", "images", "tensor")
+_SHAPE_TEXT = "[N, " + ", ".join(str(d) for d in INPUT_SHAPE) + "]"
+
+
+@dataclass
+class PredictInput:
+    """A parsed request: its options, and either the batch or the images still to decode."""
+
+    options: PredictOptions
+    batch: np.ndarray | None = None  # float32 (N, 32, 32, 3) in [0, 1]
+    images: list[str] | None = None  # base64 PNG/JPEG strings, decoded by decode_images
+    upload: bytes | None = None  # one uploaded PNG/JPEG file
+
+    @property
+    def rows(self) -> int:
+        if self.batch is not None:
+            return len(self.batch)
+        return len(self.images) if self.images is not None else 1
+
+
+def options(fields: dict[str, Any]) -> PredictOptions:
+    """Validate the small fields; the message names each bad field (never its value)."""
+    try:
+        opts = PredictOptions.model_validate(fields)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False):
+            loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
+            problems.append(f"{loc}: {err.get('msg', 'invalid')}")
+        raise InputError("validation_error", "; ".join(problems)) from None
+    if opts.version is not None and opts.alias is not None:
+        raise InputError(
+            "validation_error", "give either 'version' or 'alias' (or neither for the latest)"
+        )
+    return opts
+
+
+def _check_count(n: int, what: str, max_instances: int) -> None:
+    if n == 0:
+        raise InputError("empty_batch", f"'{what}' is empty; send at least one image")
+    if n > max_instances:
+        raise InputError(
+            "too_many_instances",
+            f"at most {max_instances} {what} per request; got {n}. Split the batch.",
+        )
+
+
+def parse_json_body(body: bytes, max_instances: int) -> PredictInput:
+    """A JSON /predict body -> options plus the batch (instances, tensor) or images to decode."""
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        raise InputError(
+            "validation_error",
+            "the body must be a JSON object with 'model' and one of 'instances', 'images' "
+            "or 'tensor'",
+        )
+    given = [form for form in _FORMS if data.get(form) is not None]
+    payload = {form: data.pop(form, None) for form in _FORMS}
+    opts = options(data)
+    if len(given) != 1:
+        raise InputError(
+            "validation_error",
+            "give exactly one of 'instances' (nested lists of pixel values), 'images' "
+            '([{"b64": ...}]) or \'tensor\' ({"b64", "shape", "dtype": "uint8"})',
+        )
+    form = given[0]
+    if form == "instances":
+        return PredictInput(opts, batch=instances_to_batch(payload["instances"], max_instances))
+    if form == "tensor":
+        return PredictInput(opts, batch=tensor_to_batch(payload["tensor"], max_instances))
+    return PredictInput(opts, images=_image_list(payload["images"], max_instances))
+
+
+def _image_list(images: Any, max_instances: int) -> list[str]:
+    if not isinstance(images, list):
+        raise InputError(
+            "validation_error",
+            '\'images\' must be a list of {"b64": "<standard base64 PNG or JPEG>"} objects',
+        )
+    _check_count(len(images), "images", max_instances)
+    out = []
+    for i, item in enumerate(images):
+        if not isinstance(item, dict) or set(item) != {"b64"} or not isinstance(item["b64"], str):
+            raise InputError(
+                "validation_error",
+                f'images[{i}] must be an object {{"b64": "<standard base64 PNG or JPEG>"}}',
+            )
+        out.append(item["b64"])
+    return out
+
+
+def decode_images(images: list[str], resize: bool, max_resize_pixels: int) -> np.ndarray:
+    """Decode base64 PNG/JPEGs (after the model was resolved) into the float32 batch."""
+    budget = PixelBudget(max_resize_pixels)
+    decoded = []
+    for i, s in enumerate(images):
+        try:
+            decoded.append(decode_b64(s, resize=resize, budget=budget))
+        except InputError as exc:
+            raise InputError(exc.code, f"images[{i}]: {exc.message}") from None
+    return normalise(np.stack(decoded))
+
+
+def decode_upload(data: bytes, resize: bool, max_resize_pixels: int) -> np.ndarray:
+    """One uploaded PNG/JPEG file -> a batch of one."""
+    image = decode_image(data, resize=resize, budget=PixelBudget(max_resize_pixels))
+    return normalise(image[np.newaxis])
+
+
+# ------------------------------------------------------------------------- raw tensors
+
+
+def check_shape(shape: Any, max_instances: int, where: str = "shape") -> tuple[int, ...]:
+    """A declared tensor shape: [N, 32, 32, 3] with 1 <= N <= max_instances."""
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != len(INPUT_SHAPE) + 1
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    ):
+        raise InputError(
+            "bad_shape", f"'{where}' must be {_SHAPE_TEXT}: four integers, N images first"
+        )
+    if tuple(shape[1:]) != INPUT_SHAPE:
+        raise InputError("bad_shape", f"'{where}' must be {_SHAPE_TEXT}; got {list(shape)}")
+    if shape[0] < 0:
+        raise InputError("bad_shape", f"'{where}' must be {_SHAPE_TEXT} with N >= 1")
+    _check_count(shape[0], "images", max_instances)
+    return tuple(shape)
+
+
+def _raw_to_batch(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    return normalise(np.frombuffer(data, dtype=np.uint8).reshape(shape))
+
+
+def tensor_to_batch(tensor: Any, max_instances: int) -> np.ndarray:
+    """JSON {"b64", "shape", "dtype": "uint8"} -> the batch; the shape and the base64
+    length are checked before anything is decoded or allocated."""
+    if (
+        not isinstance(tensor, dict)
+        or not {"b64", "shape"} <= set(tensor)
+        or set(tensor)
+        - {
+            "b64",
+            "shape",
+            "dtype",
+        }
+    ):
+        raise InputError(
+            "validation_error",
+            '\'tensor\' must be an object {"b64": "<standard base64 of uint8 bytes>", '
+            f'"shape": {_SHAPE_TEXT}, "dtype": "uint8"}}',
+        )
+    dtype = tensor.get("dtype", "uint8")
+    if dtype != "uint8":
+        raise InputError(
+            "bad_value", f"'tensor.dtype' must be \"uint8\" (pixels 0-255); got {str(dtype)[:20]!r}"
+        )
+    shape = check_shape(tensor["shape"], max_instances, "tensor.shape")
+    s = tensor["b64"]
+    if not isinstance(s, str):
+        raise InputError("bad_base64", f"'tensor.b64' must be a string; got {type(s).__name__}")
+    want = math.prod(shape)
+    if len(s) != 4 * math.ceil(want / 3):
+        raise InputError(
+            "bad_shape",
+            f"'tensor.b64' holds {len(s) * 3 // 4} bytes or so, but shape {list(shape)} needs "
+            f"{want} bytes ({4 * math.ceil(want / 3)} base64 characters)",
+        )
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(
+            "bad_base64",
+            "'tensor.b64' is not valid standard base64 (alphabet A-Z a-z 0-9 + /, '=' padding)",
+        ) from None
+    if len(data) != want:
+        raise InputError(
+            "bad_shape", f"'tensor.b64' holds {len(data)} bytes; shape {list(shape)} needs {want}"
+        )
+    return _raw_to_batch(data, shape)
+
+
+def raw_shape(text: str | None, length: int | None, max_instances: int) -> tuple[int, ...]:
+    """The shape of an octet-stream body, from `shape=N,32,32,3` (N may be left out, or the
+    whole shape) and the body's declared length; checked before the body is read."""
+    if text is None or not text.strip():
+        dims: list[int] = []
+    else:
+        try:
+            dims = [int(d) for d in text.replace(" ", "").strip("[]()").split(",") if d]
+        except ValueError:
+            raise InputError(
+                "bad_shape", f"the shape must be comma-separated integers like {_SHAPE_TEXT}"
+            ) from None
+    if len(dims) <= len(INPUT_SHAPE) and tuple(dims) in ((), INPUT_SHAPE):
+        if length is None:
+            raise InputError(
+                "bad_shape", f"give the shape {_SHAPE_TEXT} or a Content-Length for raw pixels"
+            )
+        if length % IMAGE_BYTES:
+            raise InputError(
+                "bad_shape",
+                f"the body has {length} bytes, not a whole number of {IMAGE_BYTES}-byte "
+                "32x32x3 uint8 images",
+            )
+        dims = [length // IMAGE_BYTES, *INPUT_SHAPE]
+    shape = check_shape(dims, max_instances)
+    if length is not None and length != math.prod(shape):
+        raise InputError(
+            "bad_shape",
+            f"shape {list(shape)} needs {math.prod(shape)} bytes of uint8 pixels; the body "
+            f"has {length}",
+        )
+    return shape
+
+
+def parse_raw_body(body: bytes, shape: tuple[int, ...], fields: dict[str, Any]) -> PredictInput:
+    """An octet-stream body (its shape already checked by raw_shape) -> the batch."""
+    opts = options(fields)
+    if len(body) != math.prod(shape):
+        raise InputError(
+            "bad_shape",
+            f"shape {list(shape)} needs {math.prod(shape)} bytes of uint8 pixels; the body "
+            f"has {len(body)}",
+        )
+    return PredictInput(opts, batch=_raw_to_batch(body, shape))
