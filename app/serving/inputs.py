@@ -46,6 +46,10 @@ from app.schemas import PredictOptions
 IMAGE_BYTES = math.prod(INPUT_SHAPE)
 _FORMS = ("instances", "images", "tensor")
 _SHAPE_TEXT = "[N, " + ", ".join(str(d) for d in INPUT_SHAPE) + "]"
+_EXACTLY_ONE = (
+    "give exactly one of 'instances' (nested lists of pixel values), 'images' "
+    '([{"b64": ...}]) or \'tensor\' ({"b64", "shape", "dtype": "uint8"})'
+)
 
 
 @dataclass
@@ -93,6 +97,13 @@ def _check_count(n: int, what: str, max_instances: int) -> None:
 
 def parse_json_body(body: bytes, max_instances: int) -> PredictInput:
     """A JSON /predict body -> options plus the batch (instances, tensor) or images to decode."""
+    fast = _fast_instances(body, max_instances)
+    if fast is not None:
+        data, batch = fast
+        opts = options({k: v for k, v in data.items() if k not in _FORMS})
+        if any(data.get(form) is not None for form in _FORMS):
+            raise InputError("validation_error", _EXACTLY_ONE)
+        return PredictInput(opts, batch=normalise(batch))
     data = parse_json(body)
     if not isinstance(data, dict):
         raise InputError(
@@ -104,11 +115,7 @@ def parse_json_body(body: bytes, max_instances: int) -> PredictInput:
     payload = {form: data.pop(form, None) for form in _FORMS}
     opts = options(data)
     if len(given) != 1:
-        raise InputError(
-            "validation_error",
-            "give exactly one of 'instances' (nested lists of pixel values), 'images' "
-            '([{"b64": ...}]) or \'tensor\' ({"b64", "shape", "dtype": "uint8"})',
-        )
+        raise InputError("validation_error", _EXACTLY_ONE)
     form = given[0]
     if form == "instances":
         return PredictInput(opts, batch=instances_to_batch(payload["instances"], max_instances))
@@ -151,6 +158,106 @@ def decode_upload(data: bytes, resize: bool, max_resize_pixels: int) -> np.ndarr
     """One uploaded PNG/JPEG file -> a batch of one."""
     image = decode_image(data, resize=resize, budget=PixelBudget(max_resize_pixels))
     return normalise(image[np.newaxis])
+
+
+# ------------------------------------------------------------------------- fast instances
+# `instances` of whole numbers 0-255 (what clients send: pixels) are read straight from the
+# body's bytes with a few numpy passes, without building ~65,000 Python lists per 64 images
+# (orjson's parse plus np.asarray of the lists cost several forward passes, all under the
+# GIL). The structure is checked exactly: the body's brackets and commas, numbers removed,
+# must equal those of an (N, 32, 32, 3) array, with exactly one number in each slot. Anything
+# else (floats, negatives, strings, ragged lists, numbers above 255, leading zeros, a
+# duplicate key) goes to the general path, which gives the same batch or the detailed error.
+
+_KEY = b'"instances"'
+_WS = b" \t\r\n"
+_NOT_SKELETON = b"0123456789" + _WS
+_SKELETONS: dict[int, bytes] = {}
+
+
+def _skeleton_of_one() -> bytes:
+    text = b"[" + b"," * (INPUT_SHAPE[-1] - 1) + b"]"
+    for dim in reversed(INPUT_SHAPE[:-1]):
+        text = b"[" + b",".join([text] * dim) + b"]"
+    return text
+
+
+_ONE = _skeleton_of_one()
+
+
+def _skeleton(n: int) -> bytes:
+    if n not in _SKELETONS:
+        if len(_SKELETONS) > 8:
+            _SKELETONS.clear()
+        _SKELETONS[n] = b"[" + b",".join([_ONE] * n) + b"]"
+    return _SKELETONS[n]
+
+
+def _instances_span(body: bytes) -> tuple[int, int] | None:
+    """Where the value of a `"instances": [...]` member starts and ends, or None."""
+    pos = 0
+    while True:
+        i = body.find(_KEY, pos)
+        if i < 0:
+            return None
+        j = i + len(_KEY)
+        while j < len(body) and body[j] in _WS:
+            j += 1
+        if j < len(body) and body[j] == ord(":"):
+            j += 1
+            while j < len(body) and body[j] in _WS:
+                j += 1
+            if j < len(body) and body[j] == ord("["):
+                break
+        pos = i + 1
+    # Compact JSON: the first "]]]]" closes the whole (N, 32, 32, 3) array (the skeleton check
+    # that follows rejects any other reading). Otherwise count the brackets.
+    close = body.find(b"]" * (len(INPUT_SHAPE) + 1), j)
+    if close >= 0 and body.find(b" ", j, close) < 0 and body.find(b"\n", j, close) < 0:
+        return j, close + len(INPUT_SHAPE) + 1
+    rest = np.frombuffer(body, dtype=np.uint8, offset=j)
+    depth = np.cumsum((rest == ord("[")).astype(np.int32) - (rest == ord("]")))
+    closed = np.flatnonzero(depth == 0)
+    if not len(closed):
+        return None
+    return j, j + int(closed[0]) + 1
+
+
+def _fast_instances(body: bytes, max_instances: int) -> tuple[dict[str, Any], np.ndarray] | None:
+    """(the other members, the uint8 batch) for integer pixel instances; None: use the
+    general path."""
+    span = _instances_span(body)
+    if span is None:
+        return None
+    start, end = span
+    text = body[start:end]
+    skeleton = text.translate(None, _NOT_SKELETON)
+    n = (len(skeleton) - 1) // (len(_ONE) + 1)
+    if n < 1 or n > max_instances or skeleton != _skeleton(n):
+        return None
+    a = np.frombuffer(text, dtype=np.uint8)
+    digit = a - np.uint8(ord("0"))  # wraps around for everything below '0'
+    is_digit = digit < 10
+    first = np.flatnonzero(is_digit[1:] & ~is_digit[:-1]) + 1
+    last = np.flatnonzero(is_digit[:-1] & ~is_digit[1:])
+    if len(first) != n * IMAGE_BYTES or len(last) != len(first):
+        return None  # an empty slot, or two numbers in one: the general path says what
+    length = last - first + 1
+    if length.max() > 3 or ((length > 1) & (digit[first] == 0)).any():
+        return None
+    # Digits as numbers, everything else 0: the character before a number is never a digit,
+    # so tens and hundreds come out 0 for shorter numbers (the hundreds only count when the
+    # tens position is a digit of the same number).
+    d = np.where(is_digit, digit, 0).astype(np.uint16)
+    value = d[last] + is_digit[last - 1] * (10 * d[last - 1] + 100 * d[last - 2])
+    if value.max() > 255:
+        return None
+    # Everything outside the array is parsed as JSON, with null in the array's place.
+    data = parse_json(body[:start] + b"null" + body[end:])
+    if not isinstance(data, dict) or "instances" not in data or data["instances"] is not None:
+        return None
+    del data["instances"]
+    return data, value.astype(np.uint8).reshape(n, *INPUT_SHAPE)
 
 
 # ------------------------------------------------------------------------- raw tensors

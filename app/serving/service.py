@@ -205,7 +205,7 @@ class PredictionService:
             self._batchers[key] = batcher
             # Models evicted from the cache take their batcher with them.
             loaded = set(self.cache.keys())
-            for old in [k for k in self._batchers if k not in loaded]:
+            for old in [k for k in self._batchers if k not in loaded and k != key]:
                 self._batchers.pop(old).close()
         return batcher
 

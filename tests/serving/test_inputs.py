@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import struct
 import zlib
@@ -159,3 +160,76 @@ def bomb_png(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def test_integer_instances_take_the_fast_path_and_agree_with_the_general_one():
+    from app.ml.inference import instances_to_batch, parse_json
+    from app.serving.inputs import _fast_instances
+
+    x = RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    x[0, 0, 0] = [0, 9, 10]
+    x[-1, -1, -1] = [99, 100, 255]
+    compact = orjson.dumps({"model": "m", "instances": x.tolist(), "top_k": 2})
+    spaced = json.dumps({"top_k": 2, "instances": x.tolist(), "model": "m"}, indent=1).encode()
+    general = instances_to_batch(parse_json(compact)["instances"])
+    for raw in (compact, spaced):
+        assert _fast_instances(raw, 8) is not None
+        parsed = parse_json_body(raw, 8)
+        np.testing.assert_array_equal(parsed.batch, general)
+        assert parsed.options.top_k == 2
+
+
+@pytest.mark.parametrize(
+    "instances_text",
+    [
+        b"[[[[1.5,2,3]"
+        + b",[1,2,3]" * 31
+        + b"]"
+        + (b",[" + b",".join([b"[1,2,3]"] * 32) + b"]") * 31
+        + b"]]",
+        b"[[[[256,2,3]"
+        + b",[1,2,3]" * 31
+        + b"]"
+        + (b",[" + b",".join([b"[1,2,3]"] * 32) + b"]") * 31
+        + b"]]",
+        b"[[[[-1,2,3]"
+        + b",[1,2,3]" * 31
+        + b"]"
+        + (b",[" + b",".join([b"[1,2,3]"] * 32) + b"]") * 31
+        + b"]]",
+        b"[[[[01,2,3]"
+        + b",[1,2,3]" * 31
+        + b"]"
+        + (b",[" + b",".join([b"[1,2,3]"] * 32) + b"]") * 31
+        + b"]]",
+        b"[[[[1 2,2,3]"
+        + b",[1,2,3]" * 31
+        + b"]"
+        + (b",[" + b",".join([b"[1,2,3]"] * 32) + b"]") * 31
+        + b"]]",
+        b"[[[[1,2]"
+        + b",[1,2,3]" * 31
+        + b"]"
+        + (b",[" + b",".join([b"[1,2,3]"] * 32) + b"]") * 31
+        + b"]]",
+    ],
+    ids=["float", "256", "negative", "leading_zero", "two_numbers", "short_pixel"],
+)
+def test_anything_unusual_leaves_the_fast_path(instances_text):
+    from app.serving.inputs import _fast_instances
+
+    raw = b'{"model": "m", "instances": ' + instances_text + b"}"
+    assert _fast_instances(raw, 8) is None
+
+
+def test_the_fast_path_reads_only_the_top_level_member():
+    from app.serving.inputs import _fast_instances
+
+    x = RNG.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8).tolist()
+    nested = orjson.dumps({"model": "m", "tensor": {"instances": x}})
+    assert _fast_instances(nested, 8) is None
+    duplicate = orjson.dumps({"model": "m", "instances": x})[:-1] + b', "instances": [[1]]}'
+    assert _fast_instances(duplicate, 8) is None
+    with pytest.raises(InputError) as info:
+        parse_json_body(duplicate, 8)  # JSON's last member wins, as in the general path
+    assert info.value.code == "bad_shape"
