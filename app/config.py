@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # /predict requests one API process admits at once (past it: 503 overloaded).
     PREDICT_THREADS: int = Field(default=2, ge=1, le=64)
     PREDICT_MAX_PENDING: int = Field(default=1024, ge=1)
+    # Of those, how many are worked on at once (the rest wait without costing the event loop).
+    PREDICT_CONCURRENCY: int = Field(default=16, ge=1, le=4096)
     # Source pixels one request may ask to resize, all its images together.
     PREDICT_RESIZE_MAX_PIXELS: int = Field(default=4096 * 4096, ge=1024)
     # How often an API process checks whether another process changed the registry.

@@ -210,11 +210,16 @@ def _instances_span(body: bytes) -> tuple[int, int] | None:
             if j < len(body) and body[j] == ord("["):
                 break
         pos = i + 1
-    # Compact JSON: the first "]]]]" closes the whole (N, 32, 32, 3) array (the skeleton check
-    # that follows rejects any other reading). Otherwise count the brackets.
+    # Usually the first "]]]]" closes the whole (N, 32, 32, 3) array (the skeleton check that
+    # follows rejects any other reading, then the brackets are counted).
     close = body.find(b"]" * (len(INPUT_SHAPE) + 1), j)
-    if close >= 0 and body.find(b" ", j, close) < 0 and body.find(b"\n", j, close) < 0:
+    if close >= 0:
         return j, close + len(INPUT_SHAPE) + 1
+    return _instances_span_counted(body, j)
+
+
+def _instances_span_counted(body: bytes, j: int) -> tuple[int, int] | None:
+    """The array starting at j ends where its brackets balance (whitespace between them)."""
     rest = np.frombuffer(body, dtype=np.uint8, offset=j)
     depth = np.cumsum((rest == ord("[")).astype(np.int32) - (rest == ord("]")))
     closed = np.flatnonzero(depth == 0)
@@ -234,7 +239,16 @@ def _fast_instances(body: bytes, max_instances: int) -> tuple[dict[str, Any], np
     skeleton = text.translate(None, _NOT_SKELETON)
     n = (len(skeleton) - 1) // (len(_ONE) + 1)
     if n < 1 or n > max_instances or skeleton != _skeleton(n):
-        return None
+        # The first "]]]]" was not the end (brackets apart, or not this shape): count.
+        counted = _instances_span_counted(body, start)
+        if counted is None or counted == span:
+            return None
+        start, end = counted
+        text = body[start:end]
+        skeleton = text.translate(None, _NOT_SKELETON)
+        n = (len(skeleton) - 1) // (len(_ONE) + 1)
+        if n < 1 or n > max_instances or skeleton != _skeleton(n):
+            return None
     a = np.frombuffer(text, dtype=np.uint8)
     digit = a - np.uint8(ord("0"))  # wraps around for everything below '0'
     is_digit = digit < 10

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +49,8 @@ T = TypeVar("T")
 
 # Bodies up to this size are parsed on the event loop (one image is ~10 KB of JSON).
 INLINE_BYTES = 64 * 1024
+# A request alone in this process with at most this many images runs its pass inline.
+INLINE_ROWS = 4
 _CLASSES = list(CLASS_NAMES)
 
 
@@ -71,6 +74,7 @@ class PredictionService:
         )
         self._batchers: dict[tuple[str, int, str], MicroBatcher] = {}
         self._pending = 0
+        self._slots: asyncio.Semaphore | None = None
         self._poller: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -102,7 +106,7 @@ class PredictionService:
     # ------------------------------------------------------------------ entry points
     async def predict_json(self, body: bytes) -> bytes:
         """A JSON /predict body -> the JSON answer (bytes)."""
-        with self._admitted():
+        async with self._admitted():
             max_n = self.settings.PREDICT_MAX_INSTANCES
             if len(body) <= INLINE_BYTES:
                 parsed = inputs.parse_json_body(body, max_n)
@@ -117,11 +121,11 @@ class PredictionService:
     async def predict_raw(
         self, body: bytes, shape: tuple[int, ...], fields: dict[str, Any]
     ) -> bytes:
-        with self._admitted():
+        async with self._admitted():
             return await self._serve(inputs.parse_raw_body(body, shape, fields))
 
     async def predict_upload(self, data: bytes, fields: dict[str, Any]) -> bytes:
-        with self._admitted():
+        async with self._admitted():
             return await self._serve(inputs.PredictInput(inputs.options(fields), upload=data))
 
     # ------------------------------------------------------------------ the steps
@@ -140,8 +144,13 @@ class PredictionService:
                 if waiting is not None:
                     waiting.unexpect()
                 raise
-            predictor = await self._predictor(row)
-            batcher = self._batcher(predictor, row)
+            try:
+                predictor = await self._predictor(row)
+                batcher = self._batcher(predictor, row)
+            except BaseException:
+                if waiting is not None:
+                    waiting.unexpect()
+                raise
             if waiting is not None and waiting is not batcher:
                 waiting.unexpect()
             expected = waiting is batcher
@@ -149,7 +158,15 @@ class PredictionService:
             predictor = await self._predictor(row)
             batcher = self._batcher(predictor, row)
             expected = False
-        probs = await batcher.submit(batch, expected=expected)
+        probs = None
+        if self._pending == 1 and len(batch) <= INLINE_ROWS and not expected:
+            # Let every other request that is ready in this loop iteration reach this point
+            # first; if none did, this one is alone: no batch to form, so skip the hand-off.
+            await asyncio.sleep(0)
+            if self._pending == 1:
+                probs = batcher.run_inline(batch)
+        if probs is None:
+            probs = await batcher.submit(batch, expected=expected)
         return render(row, probs, opts)
 
     async def _resolve(self, opts: PredictOptions) -> ServedVersion:
@@ -219,24 +236,24 @@ class PredictionService:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ------------------------------------------------------------------ admission
-    def _admitted(self) -> _Admission:
-        return _Admission(self)
-
-
-class _Admission:
-    def __init__(self, service: PredictionService) -> None:
-        self.service = service
-
-    def __enter__(self) -> None:
-        if self.service._pending >= self.service.settings.PREDICT_MAX_PENDING:
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """At most PREDICT_MAX_PENDING requests admitted (503 past it), of which at most
+        PREDICT_CONCURRENCY are worked on at once; the others wait without costing the
+        event loop anything, so that other routes' steps are not queued behind them."""
+        if self._pending >= self.settings.PREDICT_MAX_PENDING:
             raise Overloaded(
-                f"more than {self.service.settings.PREDICT_MAX_PENDING} predictions are in "
-                "progress; retry in a moment"
+                f"more than {self.settings.PREDICT_MAX_PENDING} predictions are in progress; "
+                "retry in a moment"
             )
-        self.service._pending += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self.service._pending -= 1
+        self._pending += 1
+        try:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.settings.PREDICT_CONCURRENCY)
+            async with self._slots:
+                yield
+        finally:
+            self._pending -= 1
 
 
 def render(row: ServedVersion, probs: np.ndarray, opts: PredictOptions) -> bytes:

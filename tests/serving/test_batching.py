@@ -108,3 +108,25 @@ def test_a_failing_pass_fails_each_of_its_callers():
 
     asyncio.run(main())
     batcher.close()
+
+
+def test_run_inline_only_when_nothing_is_queued_or_running():
+    forward = Forward()
+    batcher = MicroBatcher(forward, max_batch=8, window_s=0.0)
+    out = batcher.run_inline(rows(3, 2))
+    assert out is not None and forward.batch_sizes == [2]
+    np.testing.assert_array_equal(out[:, 0], rows(3, 2).reshape(2, -1).sum(axis=1))
+
+    async def main() -> np.ndarray | None:
+        forward.hold.clear()
+        first = asyncio.ensure_future(batcher.submit(rows(0)))
+        while not forward.entered.is_set():
+            await asyncio.sleep(0.001)
+        busy = batcher.run_inline(rows(1))  # a pass is running: not inline
+        forward.hold.set()
+        await first
+        return busy
+
+    forward.entered.clear()
+    assert asyncio.run(asyncio.wait_for(main(), 10)) is None
+    batcher.close()
