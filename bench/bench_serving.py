@@ -358,6 +358,8 @@ def main() -> int:
         help="API worker processes of the measured service",
     )
     args = parser.parse_args()
+    # Stopped from outside: still stop the servers (the finally below).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     nets = args.nets.split(",")
     scale = 0.4 if args.quick else 1.0
     t0 = time.time()
