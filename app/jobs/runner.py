@@ -1,8 +1,8 @@
 """Run one training job end to end: claim it, train with durable progress, finish it.
 
-The glue between the database (app.services.execution), the artifact store and the
+The glue between the database (app.jobs.execution), the artifact store and the
 training core (app.ml). No Celery and no HTTP here, so the same runner works under any
-task queue; worker/tasks.py only hands it a job id. TensorFlow is imported lazily, after
+task queue; the worker's task only hands it a job id. TensorFlow is imported lazily, after
 the claim, so a duplicate delivery is refused without loading it.
 """
 
@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import session_factory
+from app.jobs import execution
 from app.models import Job
-from app.services import execution
-from app.services.artifacts import ArtifactStore
+from app.registry.store import LocalArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class _Runner:
         beat: _Heartbeat,
     ) -> None:
         self.settings, self.sessions, self.job, self.attempt = settings, sessions, job, attempt
-        self.store = ArtifactStore.from_settings(settings)
+        self.store = LocalArtifactStore.from_settings(settings)
         self.control = _Control(sessions, job.id, attempt, shutdown, beat)
         self.device = "unknown"
 
