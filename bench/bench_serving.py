@@ -255,7 +255,7 @@ def register(state: Path, paths: dict[str, Path]) -> None:
     from app.config import Settings
     from app.db import session_factory
     from app.migrate import upgrade
-    from app.services import registry
+    from app.registry import versions as registry
 
     settings = Settings(_env_file=None, STATE_DIR=state)
     state.mkdir(parents=True, exist_ok=True)

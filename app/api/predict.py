@@ -2,7 +2,7 @@
 
 The routes only deal with the transport: media type, body, query and form fields. Input
 rules, model resolution, batching and the answer's shape belong to app.serving (see
-app/serving/service.py); its errors are mapped to HTTP here, in one place.
+docs/serving.md); it raises domain errors (app.errors), rendered by the app's handlers.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from app.errors import AppError, error_body
-from app.ml.inference import InputError
+from app.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 from app.schemas import PredictBody, PredictResponse
-from app.services.registry import ModelNotFound
-from app.serving.service import ModelUnavailable, Overloaded, PredictionService
+from app.serving.service import PredictionService
 
 router = APIRouter(tags=["predict"])
 log = logging.getLogger(__name__)
@@ -43,27 +41,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def _service(request: Request) -> PredictionService:
     service: PredictionService = request.app.state.prediction
     return service
-
-
-def _http_error(exc: Exception) -> Exception:
-    """The serving layer's exceptions as the common error body."""
-    if isinstance(exc, InputError):
-        status = {"too_many_instances": 413, "bad_json": 400}.get(exc.code, 422)
-        return AppError(exc.code, exc.message, status)
-    if isinstance(exc, ModelNotFound):
-        return AppError("model_not_found", str(exc), 404)
-    if isinstance(exc, ModelUnavailable):
-        return AppError("model_unavailable", str(exc), 503)
-    return exc
-
-
-def _overloaded(exc: Overloaded) -> Response:
-    return JSONResponse(
-        error_body("overloaded", str(exc)), status_code=503, headers={"Retry-After": "1"}
-    )
-
-
-_SERVING_ERRORS = (InputError, ModelNotFound, ModelUnavailable)
 
 
 def _json(data: bytes) -> Response:
@@ -114,23 +91,16 @@ async def predict(request: Request) -> Response:
     """Without version or alias the latest version serves."""
     service = _service(request)
     media = _media(request)
-    try:
-        if media == OCTET:
-            return _json(await _predict_raw(request, service))
-        if media != "application/json" and not (
-            media.startswith("application/") and media.endswith("+json")
-        ):
-            raise AppError(
-                "unsupported_media_type",
-                "the request body must be JSON sent with Content-Type: application/json, or "
-                f"raw uint8 pixels sent as {OCTET} (got {media[:100] or 'no content type'})",
-                415,
-            )
-        return _json(await service.predict_json(await request.body()))
-    except Overloaded as exc:
-        return _overloaded(exc)
-    except _SERVING_ERRORS as exc:
-        raise _http_error(exc) from None
+    if media == OCTET:
+        return _json(await _predict_raw(request, service))
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise UnsupportedMediaType(
+            "the request body must be JSON sent with Content-Type: application/json, or "
+            f"raw uint8 pixels sent as {OCTET} (got {media[:100] or 'no content type'})"
+        )
+    return _json(await service.predict_json(await request.body()))
 
 
 async def _predict_raw(request: Request, service: PredictionService) -> bytes:
@@ -152,11 +122,9 @@ async def _predict_raw(request: Request, service: PredictionService) -> bytes:
 def require_multipart(request: Request) -> None:
     media = _media(request)
     if media != "multipart/form-data":
-        raise AppError(
-            "unsupported_media_type",
+        raise UnsupportedMediaType(
             "POST /predict/image takes a multipart/form-data upload with a 'file' field "
-            f"(got {media[:100] or 'no content type'}); send JSON to POST /predict",
-            415,
+            f"(got {media[:100] or 'no content type'}); send JSON to POST /predict"
         )
 
 
@@ -186,14 +154,7 @@ async def predict_image(
     }
     data = await file.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
-        raise AppError(
-            "too_large",
-            f"the upload is larger than {MAX_UPLOAD_BYTES} bytes; send a 32x32 image",
-            413,
+        raise PayloadTooLarge(
+            f"the upload is larger than {MAX_UPLOAD_BYTES} bytes; send a 32x32 image"
         )
-    try:
-        return _json(await _service(request).predict_upload(data, fields))
-    except Overloaded as exc:
-        return _overloaded(exc)
-    except _SERVING_ERRORS as exc:
-        raise _http_error(exc) from None
+    return _json(await _service(request).predict_upload(data, fields))

@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.errors import ModelNotFound
 from app.models import ModelAlias, ModelVersion
-from app.services import registry
-from app.services.registry import ModelNotFound
+from app.registry import versions as registry
 
 
 @dataclass(frozen=True)

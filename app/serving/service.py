@@ -30,14 +30,14 @@ import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.ml.inference import (
+from app.errors import (
     InputError,
     ModelArtifactError,
-    ModelCache,
     ModelIntegrityError,
-    Predictor,
-    tune_gc_for_serving,
+    ModelUnavailable,
+    Overloaded,
 )
+from app.ml.inference import ModelCache, Predictor, tune_gc_for_serving
 from app.ml.nets import CLASS_NAMES
 from app.schemas import PredictOptions
 from app.serving import inputs
@@ -52,14 +52,6 @@ INLINE_BYTES = 64 * 1024
 # A request alone in this process with at most this many images runs its pass inline.
 INLINE_ROWS = 4
 _CLASSES = list(CLASS_NAMES)
-
-
-class Overloaded(Exception):
-    """More /predict requests in flight than PREDICT_MAX_PENDING."""
-
-
-class ModelUnavailable(Exception):
-    """The version is registered but cannot be served; the message is safe to show."""
 
 
 class PredictionService:
