@@ -287,3 +287,15 @@ def test_the_collector_stays_on_while_requests_overlap(client, register_model, m
         stop.set()
         watcher.join()
     assert gc.isenabled() and not any(seen_off)
+
+
+def test_past_max_pending_the_answer_is_503_overloaded_with_retry_after(client, expect_error):
+    service = client.app.state.prediction
+    service._pending = service.settings.PREDICT_MAX_PENDING  # as if that many were in flight
+    try:
+        response = post(client, model="any", instances=images(1).tolist())
+        expect_error(response, 503, "overloaded")
+        assert response.headers["retry-after"] == "1"
+    finally:
+        service._pending = 0
+    assert client.get("/health").status_code == 200
