@@ -17,11 +17,12 @@ from pydantic import (
     Field,
     ValidationError,
     WrapValidator,
+    computed_field,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from app.ml.nets import NETS
+from app.ml.nets import CLASS_NAMES, NETS
 from app.ml.params import Optimizer, default
 from app.ml.params import Precision as PrecisionChoice
 from app.states import JobStatus
@@ -176,33 +177,6 @@ class JobPublic(BaseModel):
     evaluation: EvaluationSummary | None
     model_version: ModelVersionRef | None
 
-    @classmethod
-    def from_job(cls, job: Any) -> JobPublic:
-        """Build from an app.models.Job (its evaluation and model_version are read too)."""
-        return cls(
-            id=job.id,
-            net=job.net,
-            status=job.status,
-            progress=Progress(epoch=job.current_epoch, epochs=job.epochs),
-            parameters=JobParameters.model_validate(job),
-            created_at=job.created_at,
-            enqueued_at=job.enqueued_at,
-            started_at=job.started_at,
-            heartbeat_at=job.heartbeat_at,
-            finished_at=job.finished_at,
-            worker=job.worker,
-            device=job.device,
-            attempts=job.attempts,
-            error=job.error,
-            cancel_requested=job.cancel_requested,
-            evaluation=(
-                EvaluationSummary.model_validate(job.evaluation) if job.evaluation else None
-            ),
-            model_version=(
-                ModelVersionRef.model_validate(job.model_version) if job.model_version else None
-            ),
-        )
-
 
 class JobList(BaseModel):
     jobs: list[JobPublic]
@@ -253,7 +227,8 @@ class FirstImage(BaseModel):
 
 
 class EvaluationPublic(BaseModel):
-    """Test-set results: exercises 7 (first test image) and 8 (accuracy per class)."""
+    """Test-set results: the seed's exercises 7 (test loss and accuracy) and 8 (the first
+    test image), plus the accuracy per class and the confusion matrix."""
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -263,7 +238,10 @@ class EvaluationPublic(BaseModel):
     first_image: FirstImage
     per_class_accuracy: list[float]
     confusion_matrix: list[list[int]]
-    classes: list[str] = Field(description="Class names, in the order of the lists above.")
+    classes: list[str] = Field(
+        default_factory=lambda: list(CLASS_NAMES),
+        description="Class names, in the order of the lists above.",
+    )
     created_at: UtcDatetime
 
 
@@ -279,7 +257,11 @@ class ModelVersionPublic(BaseModel):
     metrics: dict[str, Any]
     created_at: UtcDatetime
     aliases: list[str] = Field(default_factory=list, description="Aliases pointing here.")
-    artifact_url: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def artifact_url(self) -> str:
+        return f"/models/{self.name}/versions/{self.version}/artifact"
 
 
 class ModelSummary(BaseModel):
