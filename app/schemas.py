@@ -7,7 +7,7 @@ without echoing the value back. Responses are built from ORM rows (from_attribut
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 from app.ml.nets import CLASS_NAMES, NETS
 from app.ml.params import Optimizer, default
 from app.ml.params import Precision as PrecisionChoice
+from app.models import as_utc
 from app.states import JobStatus
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
@@ -46,14 +47,7 @@ def _expected(description: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-def _as_utc(value: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back without a zone; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 Epochs = Annotated[int, Field(ge=1, le=1000), _expected("an integer from 1 to 1000")]
 BatchSize = Annotated[int, Field(ge=1, le=8192), _expected("an integer from 1 to 8192")]
@@ -96,7 +90,8 @@ class JobCreate(BaseModel):
     learning_rate: LearningRate = default("learning_rate")
     seed: Seed = default("seed")
     train_limit: TrainLimit = Field(
-        default=None, description="Train on the first N training images only (smoke runs)."
+        default=None,
+        description="Train on a seeded random subset of N training images (smoke runs).",
     )
     model_name: ModelName = Field(
         default=None, description="Registry name for the trained model; defaults to the net."

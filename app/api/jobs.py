@@ -77,7 +77,10 @@ def list_jobs(
 ) -> JobList:
     rows, total = job_service.list_jobs(session, status=status, net=net, limit=limit, offset=offset)
     return JobList(
-        jobs=[JobPublic.model_validate(job) for job in rows], total=total, limit=limit, offset=offset
+        jobs=[JobPublic.model_validate(job) for job in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 

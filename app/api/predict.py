@@ -145,17 +145,15 @@ def _serve(
     session.close()  # release the connection before the (possibly long) load and forward pass
     try:
         predictor = cache.get(row)
-    except ModelIntegrityError as exc:
-        log.error("refusing to serve %s v%s: %s", name, version, exc)
-        raise ModelUnavailable(
-            f"model {name!r} version {version} cannot be served: its artifact does not match "
-            "the registered sha256"
-        ) from None
     except ModelArtifactError as exc:
         log.error("cannot serve %s v%s: %s", name, version, exc)
+        problem = (
+            "its artifact does not match the registered sha256"
+            if isinstance(exc, ModelIntegrityError)
+            else "its artifact is missing or cannot be loaded"
+        )
         raise ModelUnavailable(
-            f"model {name!r} version {version} cannot be served: its artifact is missing or "
-            "cannot be loaded"
+            f"model {name!r} version {version} cannot be served: {problem}"
         ) from None
     return {
         "model": {"name": name, "version": version},

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import rowcount
-from app.models import EpochMetric, Evaluation, Job, ModelVersion, utcnow
+from app.models import EpochMetric, Evaluation, Job, ModelVersion, as_utc, utcnow
 from app.registry.versions import register_version
 from app.states import ALLOWED, JobStatus, check_transition, is_terminal
 
@@ -70,13 +70,6 @@ class SweepReport:
 # ----------------------------------------------------------------------------- helpers
 def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back without a zone; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def _sources(target: JobStatus) -> list[str]:
@@ -150,7 +143,7 @@ def claim(
         session.rollback()
         return ClaimResult(False, ClaimOutcome.TERMINAL, job=job)
     stale_before = _stale_before(settings, now)
-    heartbeat = _as_utc(job.heartbeat_at)
+    heartbeat = as_utc(job.heartbeat_at)
     if status is JobStatus.RUNNING and heartbeat is not None and heartbeat >= stale_before:
         session.rollback()
         return ClaimResult(False, ClaimOutcome.BUSY, job=job)
@@ -295,12 +288,6 @@ def heartbeat(session: Session, job_id: uuid.UUID | str, attempt: int | None = N
     )
     session.commit()
     return rowcount(result) == 1
-
-
-def is_cancel_requested(session: Session, job_id: uuid.UUID | str) -> bool:
-    flag = session.scalar(select(Job.cancel_requested).where(Job.id == _as_uuid(job_id)))
-    session.rollback()  # end the read transaction; nothing to keep
-    return bool(flag)
 
 
 def control(session: Session, job_id: uuid.UUID | str, attempt: int) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import gc
-import hashlib
 import io
 import threading
 from collections import OrderedDict
@@ -27,6 +26,7 @@ import orjson
 from app.errors import InputError as InputError
 from app.errors import ModelArtifactError as ModelArtifactError
 from app.errors import ModelIntegrityError as ModelIntegrityError
+from app.files import file_digest, resolve_artifact
 
 # normalise is the training data's own scaling, so served inputs match what the net saw.
 from app.ml.data import normalise
@@ -240,12 +240,8 @@ def images_to_batch(images: Sequence[np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------------------- the model
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_file(path: Path) -> str:
+    return file_digest(path)[0]
 
 
 class Predictor:
@@ -389,10 +385,9 @@ class ModelCache:
 
     def artifact_path(self, row: VersionLike) -> Path:
         """The artifact file; a relative path is taken relative to the artifact directory."""
-        path = Path(row.artifact_path)
-        if not path.is_absolute() and self.artifact_dir is not None:
-            path = self.artifact_dir / path
-        return path
+        if self.artifact_dir is None:
+            return Path(row.artifact_path)
+        return resolve_artifact(self.artifact_dir, row.artifact_path)
 
     def keys(self) -> list[tuple[str, int, str]]:
         with self._lock:
