@@ -43,10 +43,7 @@ def test_official_dir_round_trips_pixels_and_labels(archives):
     d = load_cifar10(str(folder))
     assert_shapes(d, 20, 4)
     # The official batches keep their order: data_batch_1..5, row by row.
-    np.testing.assert_array_equal(d.x_train, expected.x_train)
-    np.testing.assert_array_equal(d.y_train, expected.y_train)
-    np.testing.assert_array_equal(d.x_test, expected.x_test)
-    np.testing.assert_array_equal(d.y_test, expected.y_test)
+    assert_same(d, expected)
     assert str(folder) in d.source
 
 
