@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.ml.data import Cifar10, normalise, subset
+from app.ml import backend
+from app.ml.data import Cifar10, subset
 from app.ml.nets import get_net
 from app.ml.params import TrainConfig
 
@@ -63,49 +64,19 @@ class _Cancelled(Exception):
 
 
 # ---------------------------------------------------------------------------- devices
+# The backend-specific parts live in app/ml/backend.py; these names stay for callers.
 def configure_devices() -> None:
-    """Let TensorFlow grow GPU memory instead of grabbing it all (one worker per GPU)."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass  # already initialised: growth can only be set before first use
+    """GPU memory settings for a training worker (see backend.configure_memory)."""
+    backend.configure_memory("worker")
 
 
 def describe_device() -> str:
-    """'GPU:0 <name>' for the first visible GPU, else 'CPU'."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU"
-    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-    return f"GPU:0 {name}"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """'GPU:0 <real name>' for the first visible GPU, else 'CPU'."""
+    return backend.describe_device()
 
 
 def resolve_precision(requested: str) -> str:
-    """Pick the Keras dtype policy: `auto` means bfloat16 where the hardware computes it natively."""
-    if requested != "auto":
-        return requested
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
-        if capability and capability >= (8, 0):
-            return "mixed_bfloat16"
-        return "mixed_float16" if capability and capability >= (7, 0) else "float32"
-    return "mixed_bfloat16" if _cpu_has_bf16() else "float32"
+    return backend.resolve_precision(requested)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -251,21 +222,31 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     checkpoint_dir: Path | None = None,
     verbose: int = 0,
+    loop: str = "auto",
+    steps_per_execution: int | None = None,
 ) -> TrainResult:
     """Fit `config.net` on `data` (train split only; the test split is the caller's to evaluate).
 
     on_epoch gets each finished epoch right after its checkpoint is written; should_stop is
-    polled after every batch and a cancelled epoch is never reported. A checkpoint found in
-    checkpoint_dir is resumed from: the fit continues with the next epoch.
+    polled after every dispatched chunk of steps (every batch on the plain `fit`) and a
+    cancelled epoch is never reported. A checkpoint found in checkpoint_dir is resumed from:
+    training continues with the next epoch. `loop` picks the training loop (app/ml/loops.py:
+    `auto` = the fastest for the backend, `fit` = the course's plain model.fit);
+    steps_per_execution defaults per loop and device.
     """
     import keras
 
+    from app.ml import loops
+
     configure_devices()
+    loop = loops.choose_loop(loop)
     precision = resolve_precision(config.precision)
     if config.train_limit is not None:
         data = subset(data, config.train_limit, seed=config.seed)
     x_train, y_train, x_val, y_val = split_validation(
-        normalise(data.x_train), np.asarray(data.y_train).reshape(-1), config.validation_split
+        np.asarray(data.x_train, dtype=np.uint8),
+        np.asarray(data.y_train).reshape(-1),
+        config.validation_split,
     )
 
     keras.utils.set_random_seed(config.seed)
@@ -283,18 +264,42 @@ def train(
         reporter = _make_callback(
             len(x_train), on_epoch, should_stop, checkpoint_dir, records, earlier
         )
+        common: dict[str, Any] = {
+            "batch_size": config.batch_size,
+            "epochs": config.epochs,
+            "initial_epoch": done,
+            "callbacks": [reporter],
+            "verbose": verbose,
+        }
+        steps = math.ceil(len(x_train) / config.batch_size)
+        spe = steps_per_execution or loops.default_steps_per_execution(loop, steps)
         try:
-            model.fit(
-                x_train,
-                y_train,
-                batch_size=config.batch_size,
-                epochs=config.epochs,
-                initial_epoch=done,
-                validation_data=None if x_val is None else (x_val, y_val),
-                shuffle=True,
-                callbacks=[reporter],
-                verbose=verbose,
-            )
+            if loop == "fit":
+                loops.run_fit(
+                    model, x_train, y_train, x_val, y_val, steps_per_execution=spe, **common
+                )
+            elif loop == "data":
+                loops.run_data(
+                    model,
+                    x_train,
+                    y_train,
+                    x_val,
+                    y_val,
+                    steps_per_execution=spe,
+                    seed=config.seed,
+                    **common,
+                )
+            else:
+                loops.run_device(
+                    model,
+                    x_train,
+                    y_train,
+                    x_val,
+                    y_val,
+                    steps_per_execution=spe,
+                    seed=config.seed,
+                    **common,
+                )
         except _Cancelled:
             cancelled = True
     return TrainResult(
