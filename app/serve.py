@@ -65,12 +65,42 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_signal
 
 
+def visible_gpus(selection: str = "all") -> list[str]:
+    """The GPU ids to start one worker each for, without importing TensorFlow or JAX.
+
+    `all`: CUDA_VISIBLE_DEVICES when set (empty or -1 means none), else what `nvidia-smi -L`
+    lists; `none`: no GPU; else a comma-separated list of ids. An empty list means one
+    worker on the CPU (or on whatever the framework finds).
+    """
+    selection = selection.strip()
+    if selection == "none":
+        return []
+    if selection != "all":
+        return [part.strip() for part in selection.split(",") if part.strip()]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [part.strip() for part in env.split(",") if part.strip()]
+        return [] if not ids or ids[0] == "-1" else ids
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_command(gpu: str | None) -> list[str]:
+    command = [sys.executable, "-m", "app.cli", "worker"]
+    return command if gpu is None else [*command, "--gpu", gpu]
+
+
 class WorkerSupervisor(threading.Thread):
     """Keeps one worker process alive until stop() is called."""
 
     def __init__(self, settings: Settings, command: list[str] | None = None) -> None:
         super().__init__(name="worker-supervisor", daemon=True)
-        self.command = command or [sys.executable, "-m", "app.cli", "worker"]
+        self.command = command or worker_command(None)
         # The child inherits this process's environment (PATH, CUDA_VISIBLE_DEVICES, ...)
         # with the settings laid over it.
         self.env = {**os.environ, **settings_env(settings)}
@@ -135,7 +165,7 @@ class WorkerSupervisor(threading.Thread):
             self._terminate()
 
 
-def serve(settings: Settings, host: str, port: int) -> int:
+def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
     """Run until SIGINT/SIGTERM; returns the exit code for `cnn serve`."""
     import uvicorn
 
@@ -160,15 +190,31 @@ def serve(settings: Settings, host: str, port: int) -> int:
         received.append(sig)
 
     previous = {sig: signal.signal(sig, _remember) for sig in (signal.SIGINT, signal.SIGTERM)}
-    supervisor = WorkerSupervisor(settings)
-    supervisor.start()
+    devices = visible_gpus(gpus)
+    if gpus == "none":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    supervisors = [WorkerSupervisor(settings, worker_command(gpu)) for gpu in (devices or [None])]
+    log.info(
+        "starting %d worker(s) on %s",
+        len(supervisors),
+        ", ".join(f"GPU {gpu}" for gpu in devices) or "the default device",
+    )
+    # After the workers' environment is taken: on JAX the API allocates GPU memory on demand
+    # instead of preallocating, so it shares a card with the worker that owns it.
+    from app.ml.backend import configure_memory
+
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        configure_memory("api")
+    for supervisor in supervisors:
+        supervisor.start()
     try:
         server = uvicorn.Server(
             uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
         )
         server.run()
     finally:
-        supervisor.stop()
+        for supervisor in supervisors:
+            supervisor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("stopped (%s)", ", ".join(signal.Signals(s).name for s in received) or "API exited")

@@ -41,8 +41,11 @@ def worker_options(settings: Settings) -> dict[str, object]:
 
 def run_worker(settings: Settings) -> int:
     """Start the worker and block until it shuts down (SIGTERM/SIGINT: warm shutdown)."""
+    from app.ml.backend import enable_compilation_cache
     from worker import tasks
 
+    # JAX: compiled training programs persist here, so the next job skips compiling them.
+    enable_compilation_cache(settings.STATE_DIR.resolve() / "jax-cache")
     tasks.use_settings(settings)
     app = create_celery(settings)
     worker = app.Worker(**worker_options(settings))

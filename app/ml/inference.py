@@ -264,9 +264,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 class Predictor:
     """A loaded model behind one compiled forward pass.
 
-    `model.predict` builds a data pipeline per call (about 50 ms for one image here); a
-    `tf.function` with a fixed (None, 32, 32, 3) signature traces once for every batch size
-    and answers in well under a millisecond. It is traced by a warm-up call at load, as TF
+    `model.predict` builds a data pipeline per call (about 50 ms for one image here); the
+    compiled forward pass of app/ml/backend.py (a `tf.function` with a fixed (None, 32, 32, 3)
+    signature, or `jax.jit` on power-of-two batch buckets) answers in well under a millisecond. It is traced by a warm-up call at load, as TF
     Serving does, so the first request does not pay for tracing.
     """
 
@@ -278,7 +278,7 @@ class Predictor:
         version: int | None = None,
         sha256: str | None = None,
     ) -> None:
-        import tensorflow as tf
+        from app.ml import backend
 
         in_shape = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
         out_shape = tuple(model.output_shape[1:]) if hasattr(model, "output_shape") else None
@@ -292,18 +292,9 @@ class Predictor:
         self.version = version
         self.sha256 = sha256
 
-        @tf.function(
-            input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)],
-            reduce_retracing=True,
-        )
-        def forward(x: Any) -> Any:
-            # A model trained under mixed_bfloat16 may answer in bfloat16, whose rows sum to 1
-            # only within ~1e-2; cast and renormalise so clients always get float32 rows
-            # summing to 1 (a no-op within 1e-7 for float32 models).
-            p = tf.cast(model(x, training=False), tf.float32)
-            return p / tf.reduce_sum(p, axis=-1, keepdims=True)
-
-        self._forward = forward
+        # tf.function on TensorFlow, jax.jit on JAX (app/ml/backend.py); float32 rows that
+        # sum to 1 even for a model trained under mixed_bfloat16.
+        self._forward = backend.compile_forward(model)
         self.predict(np.zeros((1, *INPUT_SHAPE), dtype=np.float32))
 
     @classmethod
@@ -344,7 +335,7 @@ class Predictor:
                 "bad_shape",
                 f"expected a batch of shape {_BATCH_TEXT}; got {batch.shape}",
             )
-        return self._forward(batch).numpy()
+        return self._forward(batch)
 
 
 def predict_probabilities(predictor: Predictor, batch: np.ndarray) -> list[dict[str, Any]]:

@@ -226,10 +226,12 @@ def run_device(
             count = min(k, full - c * k)
             state, stacked = train_scan_c(state, x_dev, y_dev, perm, c * k, count)
             logs = jax.tree.map(lambda v, j=count - 1: v[j], stacked)
+            _expose_state(model, state)
+            if c == chunks - 1 and not rest:
+                break  # the epoch's last dispatch is reported below, once it has finished
             if pending is not None:
                 jax.block_until_ready(pending)  # at most two chunks in flight
             pending = logs
-            _expose_state(model, state)
             callbacks.on_train_batch_end(min((c + 1) * k, full) - 1, logs)
             if model.stop_training:
                 break

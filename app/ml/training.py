@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,6 +224,7 @@ def train(
     verbose: int = 0,
     loop: str = "auto",
     steps_per_execution: int | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Fit `config.net` on `data` (train split only; the test split is the caller's to evaluate).
 
@@ -232,7 +233,8 @@ def train(
     cancelled epoch is never reported. A checkpoint found in checkpoint_dir is resumed from:
     training continues with the next epoch. `loop` picks the training loop (app/ml/loops.py:
     `auto` = the fastest for the backend, `fit` = the course's plain model.fit);
-    steps_per_execution defaults per loop and device.
+    steps_per_execution defaults per loop and device. `callbacks` are further Keras
+    callbacks, driven by every loop as `fit` drives them (after the service's reporter).
     """
     import keras
 
@@ -268,7 +270,7 @@ def train(
             "batch_size": config.batch_size,
             "epochs": config.epochs,
             "initial_epoch": done,
-            "callbacks": [reporter],
+            "callbacks": [reporter, *callbacks],
             "verbose": verbose,
         }
         steps = math.ceil(len(x_train) / config.batch_size)
