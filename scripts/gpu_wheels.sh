@@ -12,7 +12,7 @@
 # .venv, so both machines run the same code. Everything stays < 64 MiB with the archive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${WHEEL_DIR:-.whl}"
+OUT="${WHEEL_DIR:-.whl}"  # WHEEL_PYTHON=3.11 for a local proof on this machine
 PY="${PYTHON_BIN:-.venv/bin/python}"
 mkdir -p "$OUT"
 rm -f "$OUT"/*.whl
@@ -38,7 +38,7 @@ for pkg in "${PACKAGES[@]}"; do
 done
 
 "$PY" -m pip download --quiet --only-binary=:all: --no-deps \
-  --python-version 3.12 --implementation cp \
+  --python-version "${WHEEL_PYTHON:-3.12}" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any \
   -d "$OUT" "${pinned[@]}"
