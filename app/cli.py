@@ -138,13 +138,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         # Before TensorFlow or JAX is imported: this worker sees (and owns) that GPU only.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-    from worker.run import run_worker
-
-    settings = get_settings()
-    if args.gpu is not None:
-        name = settings.WORKER_NAME or f"cnn-{os.getpid()}"
-        settings = settings.model_copy(update={"WORKER_NAME": f"{name}-gpu{args.gpu}"})
-    return run_worker(settings) or 0
+        name = os.environ.get("WORKER_NAME") or get_settings().WORKER_NAME or f"cnn-{os.getpid()}"
+        node, at, host = name.partition("@")
+        os.environ["WORKER_NAME"] = f"{node}-gpu{args.gpu}{at}{host}"
+    # The worker's entry point lives in the `worker` package, which app/ never imports:
+    # this process becomes `python -m worker.run` (same pid, environment and settings).
+    os.execv(sys.executable, [sys.executable, "-m", "worker.run"])
 
 
 def _cmd_migrate(_: argparse.Namespace) -> int:

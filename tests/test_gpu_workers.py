@@ -42,17 +42,16 @@ def test_worker_commands_pin_one_gpu_each():
 
 
 def test_cnn_worker_gpu_sets_the_visible_device_and_names_the_worker(monkeypatch):
-    import worker.run
-
     seen = {}
 
-    def fake_run_worker(settings):
+    def fake_execv(path, argv):
+        seen["argv"] = argv[1:]
         seen["visible"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-        seen["name"] = settings.WORKER_NAME
+        seen["name"] = os.environ.get("WORKER_NAME")
         return 0
 
-    monkeypatch.setattr(worker.run, "run_worker", fake_run_worker)
+    monkeypatch.setattr(os, "execv", fake_execv)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    monkeypatch.setenv("WORKER_NAME", "box")
-    assert cli.main(["worker", "--gpu", "2"]) == 0
-    assert seen == {"visible": "2", "name": "box-gpu2"}
+    monkeypatch.setenv("WORKER_NAME", "box@host")
+    cli.main(["worker", "--gpu", "2"])
+    assert seen == {"argv": ["-m", "worker.run"], "visible": "2", "name": "box-gpu2@host"}
