@@ -144,6 +144,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # The worker's entry point lives in the `worker` package, which app/ never imports:
     # this process becomes `python -m worker.run` (same pid, environment and settings).
     os.execv(sys.executable, [sys.executable, "-m", "worker.run"])
+    return 0  # not reached: execv replaces this process
 
 
 def _cmd_migrate(_: argparse.Namespace) -> int:
