@@ -204,9 +204,6 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
         import jax
         import jax.numpy as jnp
 
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-
         @jax.jit
         def forward_jax(tv: Any, ntv: Any, x: Any) -> Any:
             y, _ = model.stateless_call(tv, ntv, x, training=False)
@@ -219,6 +216,10 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
             size = _bucket(n)
             if size != n:
                 x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), np.float32)])
+            # The variables' current arrays, read per call: Keras may replace (and delete) the
+            # buffers behind a variable, e.g. in model.predict on JAX.
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
             return np.asarray(forward_jax(trainable, non_trainable, x))[:n]
 
         return call_jax
