@@ -193,7 +193,8 @@ def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
     devices = visible_gpus(gpus)
     if gpus == "none":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    supervisors = [WorkerSupervisor(settings, worker_command(gpu)) for gpu in (devices or [None])]
+    choices: list[str | None] = list(devices) or [None]
+    supervisors = [WorkerSupervisor(settings, worker_command(gpu)) for gpu in choices]
     log.info(
         "starting %d worker(s) on %s",
         len(supervisors),

@@ -53,7 +53,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L 2>&1 | tee -a "$LOG" || true
 # 1. dependencies from the wheel folder (no index, no dependency resolution)
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
   start=$(date +%s)
-  "$PY" -m pip install --quiet --no-index --no-deps --target "$TARGET" "$WHEELS"/*.whl 2>&1 \
+  "$PY" -m pip install --quiet --no-compile --no-index --no-deps --target "$TARGET" "$WHEELS"/*.whl 2>&1 \
     | grep -v -i "warning" | tee -a "$LOG" || true
   say "installed $(ls "$WHEELS"/*.whl | wc -l) wheels into $TARGET in $(( $(date +%s) - start )) s"
 else

@@ -130,7 +130,7 @@ def run_data(
         batches(x_train, y_train, True),
         epochs=epochs,
         initial_epoch=initial_epoch,
-        validation_data=None if x_val is None else batches(x_val, y_val, False),
+        validation_data=None if x_val is None or y_val is None else batches(x_val, y_val, False),
         shuffle=False,  # the pipeline shuffles
         callbacks=callbacks,
         verbose=verbose,
@@ -197,8 +197,9 @@ def run_device(
     permutation_c = jax.jit(permutation)
     evaluate = _device_evaluator(model, b)
 
+    callback_list: Any = callbacks
     if not isinstance(callbacks, keras.callbacks.CallbackList):
-        callbacks = keras.callbacks.CallbackList(
+        callback_list = keras.callbacks.CallbackList(
             callbacks,
             add_history=True,
             add_progbar=verbose != 0,
@@ -208,10 +209,10 @@ def run_device(
             model=model,
         )
     model.stop_training = False
-    callbacks.on_train_begin()
+    callback_list.on_train_begin()
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
-        callbacks.on_epoch_begin(epoch)
+        callback_list.on_epoch_begin(epoch)
         # Read the state after the callbacks: one may have changed a variable (learning rate).
         state = model._get_jax_state(
             trainable_variables=True,
@@ -232,23 +233,23 @@ def run_device(
             if pending is not None:
                 jax.block_until_ready(pending)  # at most two chunks in flight
             pending = logs
-            callbacks.on_train_batch_end(min((c + 1) * k, full) - 1, logs)
+            callback_list.on_train_batch_end(min((c + 1) * k, full) - 1, logs)
             if model.stop_training:
                 break
         if rest and not model.stop_training:
             logs, state = train_rest_c(state, x_dev, y_dev, perm)
             _expose_state(model, state)
         logs = {key: float(v) for key, v in logs.items()}  # waits for the epoch's last step
-        callbacks.on_train_batch_end(steps - 1, logs)
+        callback_list.on_train_batch_end(steps - 1, logs)
         model.jax_state_sync()
         epoch_logs = dict(logs)
         if xv_dev is not None and yv_dev is not None:
             val = evaluate(xv_dev, yv_dev)
             epoch_logs.update({f"val_{key}": value for key, value in val.items()})
-        callbacks.on_epoch_end(epoch, epoch_logs)
+        callback_list.on_epoch_end(epoch, epoch_logs)
         if model.stop_training:
             break
-    callbacks.on_train_end()
+    callback_list.on_train_end()
 
 
 def _expose_state(model: Any, state: Any) -> None:
