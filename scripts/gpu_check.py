@@ -123,7 +123,8 @@ def check() -> int:
         [[(x * 7 + y * 3 + c * 50) % 256 for c in range(3)] for x in range(32)] for y in range(32)
     ]
     model = (body.get("model_version") or {}).get("name") or "net1"
-    status, answer = call("POST", "/predict", {"model": model, "instances": [pixels, pixels]}, 120)
+    # The API loads the model on its first request (and JAX compiles its forward pass).
+    status, answer = call("POST", "/predict", {"model": model, "instances": [pixels, pixels]}, 600)
     if status != 200:
         sys.exit(f"/predict answered {status}: {answer}")
     rows = answer["predictions"]
