@@ -146,7 +146,7 @@ def report(spec_file: str) -> int:
         print("submitted", status, (body or {}).get("id"), json.dumps(job), flush=True)
         if status == 202:
             ids.append(body["id"])
-    done = wait_jobs(ids, float(os.environ.get("GPU_CHECK_REPORT_TIMEOUT", "900")))
+    done = wait_jobs(ids, float(os.environ.get("GPU_CHECK_REPORT_TIMEOUT", "420")))
     for job_id, body in done.items():
         print(f"  {job_id} {body.get('status')} {body.get('device')} {body.get('error') or ''}")
     folder = Path(tempfile.mkdtemp(prefix="cnn-report-"))

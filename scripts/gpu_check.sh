@@ -29,6 +29,7 @@ STATE="${GPU_CHECK_STATE:-$(mktemp -d /tmp/cnn-gpu-state.XXXXXX)}"
 TARGET="${GPU_CHECK_TARGET:-$(mktemp -d /tmp/cnn-gpu-site.XXXXXX)}"
 export KERAS_BACKEND="${KERAS_BACKEND:-jax}"
 export STATE_DIR="$STATE"
+export CACHE_DIR="${CACHE_DIR:-$STATE/cache}"  # decoded CIFAR-10, shared by service and bench
 export PYTHONPATH="$REPO:$TARGET${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ -z "${CIFAR10_SOURCE:-}" ]; then
