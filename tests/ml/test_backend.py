@@ -166,48 +166,61 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import keras
     from app.ml.inference import Predictor
-    from app.ml.nets import get_net
-    mode, folder = sys.argv[1], sys.argv[2]
-    x = np.random.default_rng(7).random((4, 32, 32, 3), dtype=np.float32)
-    out = {"backend": keras.backend.backend()}
-    if mode == "save":
-        keras.utils.set_random_seed(3)
-        model = get_net("net2").builder()
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-        model.fit(x, np.arange(4), epochs=1, verbose=0)
-        model.save(f"{folder}/model-{out['backend']}.keras")
-    else:
-        model = keras.saving.load_model(f"{folder}/{mode}", safe_mode=True)
-    out["predict"] = np.asarray(model.predict(x, verbose=0)).tolist()
-    out["served"] = Predictor(model).predict(x).tolist()
+    sys.path.insert(0, sys.argv[3])
+    from test_backend_models import probe, saved_model
+    folder, other = sys.argv[1], sys.argv[2]
+    loaded = keras.saving.load_model(f"{folder}/{other}", safe_mode=True)
+    mine = saved_model(f"{folder}/model-{keras.backend.backend()}.keras")
+    out = {
+        "backend": keras.backend.backend(),
+        "loaded": np.asarray(loaded.predict(probe(), verbose=0)).tolist(),
+        "served": Predictor(loaded).predict(probe()).tolist(),
+        "mine": np.asarray(mine.predict(probe(), verbose=0)).tolist(),
+    }
     print("RESULT " + json.dumps(out))
     """
 )
 
 
-def _run(backend_name: str, mode: str, folder: Path) -> dict:
-    env = {**os.environ, "KERAS_BACKEND": backend_name, "CUDA_VISIBLE_DEVICES": ""}
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(backend.is_jax(), reason="run once, from the TensorFlow pass")
+def test_models_saved_under_one_backend_predict_identically_under_the_other(tmp_path):
+    """TensorFlow here, JAX in one subprocess: each loads the other's .keras file."""
+    pytest.importorskip("jax")
+    import keras
+
+    from app.ml.inference import Predictor
+
+    from .test_backend_models import probe, saved_model
+
+    on_tf = saved_model(str(tmp_path / "model-tensorflow.keras"))
+    expected_tf = np.asarray(on_tf.predict(probe(), verbose=0))
+    env = {**os.environ, "KERAS_BACKEND": "jax", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode, str(folder)],
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(tmp_path),
+            "model-tensorflow.keras",
+            str(Path(__file__).parent),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1000,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
-
-
-@pytest.mark.skipif(backend.is_jax(), reason="run once, from the TensorFlow pass")
-def test_models_saved_under_one_backend_predict_identically_under_the_other(tmp_path):
-    pytest.importorskip("jax")
-    saved_tf = _run("tensorflow", "save", tmp_path)
-    saved_jax = _run("jax", "save", tmp_path)
-    assert (saved_tf["backend"], saved_jax["backend"]) == ("tensorflow", "jax")
-    on_jax = _run("jax", "model-tensorflow.keras", tmp_path)
-    on_tf = _run("tensorflow", "model-jax.keras", tmp_path)
-    for original, loaded in ((saved_tf, on_jax), (saved_jax, on_tf)):
-        np.testing.assert_allclose(loaded["predict"], original["predict"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(loaded["served"], original["predict"], rtol=1e-5, atol=1e-6)
+    on_jax = json.loads(line[len("RESULT ") :])
+    assert on_jax["backend"] == "jax"
+    np.testing.assert_allclose(on_jax["loaded"], expected_tf, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(on_jax["served"], expected_tf, rtol=1e-5, atol=1e-6)
+    from_jax = keras.saving.load_model(tmp_path / "model-jax.keras", safe_mode=True)
+    np.testing.assert_allclose(
+        from_jax.predict(probe(), verbose=0), on_jax["mine"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        Predictor(from_jax).predict(probe()), on_jax["mine"], rtol=1e-5, atol=1e-6
+    )
