@@ -197,7 +197,8 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     TensorFlow: a `tf.function` with a (None, ...) signature traced once for every batch size.
     JAX: `jax.jit` of the model's stateless call, batches padded to a power of two so that a
     handful of programs serve every size. Rows are cast to float32 and renormalised, so a
-    model trained under mixed_bfloat16 still answers rows that sum to 1.
+    model trained under mixed_bfloat16 still answers rows that sum to 1. The returned
+    function's `traces()` counts the programs compiled so far.
     """
     in_shape = tuple(model.input_shape[1:])
     if name() == "jax":
@@ -210,10 +211,13 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
             p = y.astype(jnp.float32)
             return p / jnp.sum(p, axis=-1, keepdims=True)
 
+        buckets: set[int] = set()
+
         def call_jax(x: np.ndarray) -> np.ndarray:
             x = np.asarray(x, dtype=np.float32)
             n = x.shape[0]
             size = _bucket(n)
+            buckets.add(size)
             if size != n:
                 x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), np.float32)])
             # The variables' current arrays, read per call: Keras may replace (and delete) the
@@ -222,6 +226,7 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
             non_trainable = [v.value for v in model.non_trainable_variables]
             return np.asarray(forward_jax(trainable, non_trainable, x))[:n]
 
+        call_jax.traces = lambda: len(buckets)  # type: ignore[attr-defined]
         return call_jax
 
     import tensorflow as tf
@@ -236,4 +241,5 @@ def compile_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     def call_tf(x: np.ndarray) -> np.ndarray:
         return np.asarray(forward_tf(np.asarray(x, dtype=np.float32)))
 
+    call_tf.traces = forward_tf.experimental_get_tracing_count  # type: ignore[attr-defined]
     return call_tf
