@@ -6,8 +6,10 @@ set it runs the same pieces against PostgreSQL and Redis.
 
 The API runs here (uvicorn, main thread). The worker is a separate process (`cnn worker`)
 because TensorFlow must own its process, and so that a worker that dies (killed, out of
-memory) is simply started again: its job resumes from the last checkpoint once the
-worker's sweep sees the stale heartbeat. Ctrl-C or SIGTERM stop the API, then ask the
+memory) is simply started again. The supervisor knows the moment its worker dies, so it
+hands that worker's running job back at once (fenced by the worker's unique name and the
+job's claim) and sends it again: the new worker resumes it from the last checkpoint without
+waiting for the heartbeat timeout. Ctrl-C or SIGTERM stop the API, then ask the
 worker for a warm shutdown: a running fit stops at the next batch and its job goes back to
 the queue, to resume from its checkpoint on the next start.
 """
@@ -18,10 +20,12 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,16 +69,42 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_signal
 
 
-class WorkerSupervisor(threading.Thread):
-    """Keeps one worker process alive until stop() is called."""
+def hand_back_dead_worker(settings: Settings, worker: str) -> list[str]:
+    """The running jobs of a worker that is known to be dead: back to the queue and sent now."""
+    from app.db import session_factory
+    from app.services import execution
+    from app.services.dispatch import enqueue_training
 
-    def __init__(self, settings: Settings, command: list[str] | None = None) -> None:
+    def send(job_id: uuid.UUID) -> None:
+        if not enqueue_training(settings, job_id):
+            raise ConnectionError(f"the broker did not accept job {job_id}")
+
+    with session_factory(settings)() as session:
+        report = execution.release_worker(session, settings, worker, send)
+    return [str(i) for i in (*report.requeued, *report.failed, *report.cancelled)]
+
+
+class WorkerSupervisor(threading.Thread):
+    """Keeps one worker process alive until stop() is called.
+
+    Every worker it starts gets a unique name (WORKER_NAME), which the worker stores on
+    the jobs it claims; when the process exits, `on_death(name)` hands those jobs back.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        command: list[str] | None = None,
+        on_death: Callable[[str], object] | None = None,
+    ) -> None:
         super().__init__(name="worker-supervisor", daemon=True)
         self.command = command or [sys.executable, "-m", "app.cli", "worker"]
         # The child inherits this process's environment (PATH, CUDA_VISIBLE_DEVICES, ...)
         # with the settings laid over it.
         self.env = {**os.environ, **settings_env(settings)}
+        self.on_death = on_death
         self.process: subprocess.Popen[bytes] | None = None
+        self.worker_name = ""
         self.starts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -83,16 +113,29 @@ class WorkerSupervisor(threading.Thread):
         with self._lock:
             if self._stopping.is_set():
                 return
+            self.worker_name = f"serve-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
             # Spawned from this thread, which lives as long as the supervision does:
             # PDEATHSIG follows the creating thread.
             self.process = subprocess.Popen(
-                self.command, env=self.env, preexec_fn=_parent_death_signal()
+                self.command,
+                env={**self.env, "WORKER_NAME": self.worker_name},
+                preexec_fn=_parent_death_signal(),
             )
             self.starts += 1
-        log.info("worker process %d started", self.process.pid)
+        log.info("worker process %d (%s) started", self.process.pid, self.worker_name)
+
+    def _hand_back(self, name: str) -> None:
+        if self.on_death is None:
+            return
+        try:
+            jobs = self.on_death(name)
+            if jobs:
+                log.info("handed back the job(s) of dead worker %s: %s", name, jobs)
+        except Exception:  # the sweep still requeues it once its heartbeat is stale
+            log.exception("could not hand back the jobs of dead worker %s", name)
 
     def run(self) -> None:
-        backoff = 1.0
+        backoff = 0.0
         self._spawn()
         started = time.monotonic()
         while not self._stopping.wait(0.5):
@@ -100,7 +143,8 @@ class WorkerSupervisor(threading.Thread):
             if process is None or process.poll() is None:
                 continue
             lived = time.monotonic() - started
-            backoff = 1.0 if lived >= STABLE_AFTER_S else min(backoff * 2, MAX_BACKOFF_S)
+            self._hand_back(self.worker_name)
+            backoff = 0.0 if lived >= STABLE_AFTER_S else min(max(backoff * 2, 1.0), MAX_BACKOFF_S)
             log.warning(
                 "worker process %d exited with code %s; starting a new one in %.0f s",
                 process.pid,
@@ -126,6 +170,7 @@ class WorkerSupervisor(threading.Thread):
             log.warning("worker process %d did not stop in time; killing it", process.pid)
             process.kill()
             process.wait()
+            self._hand_back(self.worker_name)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -160,7 +205,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
         received.append(sig)
 
     previous = {sig: signal.signal(sig, _remember) for sig in (signal.SIGINT, signal.SIGTERM)}
-    supervisor = WorkerSupervisor(settings)
+    supervisor = WorkerSupervisor(
+        settings, on_death=lambda name: hand_back_dead_worker(settings, name)
+    )
     supervisor.start()
     try:
         server = uvicorn.Server(

@@ -15,6 +15,7 @@ import uuid
 from app.config import Settings
 from app.db import session_factory
 from app.services import execution
+from app.services.artifacts import ArtifactStore
 from app.services.dispatch import enqueue_training
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,13 @@ def send_training(settings: Settings, job_id: uuid.UUID) -> None:
 
 def sweep_once(settings: Settings) -> execution.SweepReport:
     with session_factory(settings)() as session:
-        report = execution.sweep(session, settings, lambda job_id: send_training(settings, job_id))
-    for what in ("requeued", "failed", "cancelled", "resent"):
+        report = execution.sweep(
+            session,
+            settings,
+            lambda job_id: send_training(settings, job_id),
+            store=ArtifactStore.from_settings(settings),
+        )
+    for what in ("requeued", "failed", "cancelled", "resent", "cleaned"):
         ids = getattr(report, what)
         if ids:
             log.info("sweep %s %d job(s): %s", what, len(ids), ", ".join(map(str, ids)))
