@@ -2,8 +2,8 @@
 
 The glue between the database (app.services.execution), the artifact store and the
 training core (app.ml). No Celery and no HTTP here, so the same runner works under any
-task queue; worker/tasks.py only hands it a job id. TensorFlow is imported lazily, after
-the claim, so a duplicate delivery is refused without loading it.
+task queue; worker/tasks.py only hands it a job id (and loads TensorFlow when the worker
+starts, so that loading it never stalls a claimed job's heartbeat).
 """
 
 from __future__ import annotations

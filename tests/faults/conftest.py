@@ -52,6 +52,8 @@ FAULT_SETTINGS: dict[str, Any] = {
     "HEARTBEAT_TIMEOUT_S": 5.0,
     "SWEEP_INTERVAL_S": 1.0,
     "QUEUED_RESEND_S": 3.0,
+    # An infrastructure fault is retried in place every second or so.
+    "INFRA_BACKOFF_MAX_S": 1.0,
 }
 TINY_JOB: dict[str, Any] = {"net": "net1", "epochs": 1, "batch_size": 32, "train_limit": 256}
 
@@ -239,6 +241,18 @@ def fault_stack(
         procs.cleanup()
         redis_server.kill()
         session_factory(settings).kw["bind"].dispose()
+
+
+@pytest.fixture(scope="module")
+def worker(fault_stack: FaultStack) -> Proc:
+    """One `cnn worker` shared by the tests of the module (TensorFlow loads once)."""
+    return fault_stack.procs.worker(fault_stack.settings)
+
+
+def pid_of(worker_name: str | None) -> int:
+    """The process id in a `cnn worker` name (cnn-<pid>@<host>)."""
+    assert worker_name and worker_name.startswith("cnn-"), worker_name
+    return int(worker_name.split("@", 1)[0].removeprefix("cnn-"))
 
 
 def skewed_worker_command(skew_s: float) -> list[str]:
