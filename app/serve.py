@@ -72,8 +72,8 @@ def _parent_death_signal() -> Callable[[], None] | None:
 def hand_back_dead_worker(settings: Settings, worker: str) -> list[str]:
     """The running jobs of a worker that is known to be dead: back to the queue and sent now."""
     from app.db import session_factory
-    from app.services import execution
-    from app.services.dispatch import enqueue_training
+    from app.jobs import execution
+    from app.jobs.queue import enqueue_training
 
     def send(job_id: uuid.UUID) -> None:
         if not enqueue_training(settings, job_id):

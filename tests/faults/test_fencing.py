@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from app.jobs import execution
+from app.jobs.runner import infrastructure_message, is_infrastructure_fault
+from app.jobs.service import cancel_job
 from app.models import Job, ModelVersion
-from app.services import execution
-from app.services.artifacts import ArtifactStore, StoredArtifact, file_digest
-from app.services.jobs import cancel_job
-from app.training_job import infrastructure_message, is_infrastructure_fault
+from app.registry.store import LocalArtifactStore, StoredArtifact, file_digest
 
 STALE = timedelta(minutes=10)
 
@@ -58,7 +58,7 @@ def test_a_stalled_worker_cannot_fail_a_job_the_sweep_put_back(
 ):
     job = make_job("queued")
     stalled = _claim(session_factory, settings, job.id)
-    store = ArtifactStore(settings.artifact_dir)
+    store = LocalArtifactStore(settings.artifact_dir)
     checkpoint = store.checkpoint_dir(job.id)
     checkpoint.mkdir(parents=True)
     (checkpoint / "marker").write_text("epoch 3")
@@ -140,7 +140,7 @@ def test_a_cancel_accepted_before_the_success_commit_wins(make_job, session_fact
                 "confusion_matrix": [],
             },
             staged=StoredArtifact(staged, digest, size),
-            store=ArtifactStore(settings.artifact_dir),
+            store=LocalArtifactStore(settings.artifact_dir),
             device="CPU",
             precision="float32",
         )
@@ -158,7 +158,7 @@ def test_a_cancel_accepted_before_the_success_commit_wins(make_job, session_fact
 def test_the_sweep_removes_files_of_jobs_terminal_past_the_grace_period(
     make_job, session_factory, settings
 ):
-    store = ArtifactStore(settings.artifact_dir)
+    store = LocalArtifactStore(settings.artifact_dir)
     old = make_job("failed", finished_at=_now() - timedelta(hours=1))  # failed by a sweep
     recent = make_job("cancelled", finished_at=_now())
     running = make_job("running")

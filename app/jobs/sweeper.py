@@ -2,7 +2,7 @@
 
 Every worker sweeps (no separate beat service to deploy or to forget): a deployment that
 can run jobs has at least one worker, and the sweep's conditional UPDATEs make any number
-of concurrent sweepers safe. The sweep is also a task (worker.tasks.sweep_jobs) for
+of concurrent sweepers safe. The sweep is also a task (`SWEEP_TASK` in app.jobs.queue) for
 anyone who prefers celery beat.
 """
 
@@ -14,9 +14,9 @@ import uuid
 
 from app.config import Settings
 from app.db import session_factory
-from app.services import execution
-from app.services.artifacts import ArtifactStore
-from app.services.dispatch import enqueue_training
+from app.jobs import execution
+from app.jobs.queue import enqueue_training
+from app.registry.store import LocalArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def sweep_once(settings: Settings) -> execution.SweepReport:
             session,
             settings,
             lambda job_id: send_training(settings, job_id),
-            store=ArtifactStore.from_settings(settings),
+            store=LocalArtifactStore.from_settings(settings),
         )
     for what in ("requeued", "failed", "cancelled", "resent", "cleaned"):
         ids = getattr(report, what)

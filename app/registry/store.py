@@ -1,11 +1,16 @@
 """The artifact store: trained `.keras` models and per-job training checkpoints.
 
-A local folder (settings.artifact_dir) with an object-store-friendly layout, so an S3/GCS
-backend can replace it later by implementing the same few methods:
+`ArtifactStore` is the interface the registry and the job runner use; `LocalArtifactStore`
+implements it on a local (or shared) folder, settings.artifact_dir. The layout is
+object-store friendly, so an S3/GCS store can implement the same few methods later:
 
     models/<name>/<version>/model.keras    a registered model version (immutable once registered)
     checkpoints/<job_id>/                  the training core's checkpoint of a running job
     staging/<job_id>/model.keras           a finished model waiting to be registered
+
+The registry stores a model's KEY, its path relative to the store's root
+("models/net1/3/model.keras"), never an absolute path, so the store can move or be
+replaced. Rows written before that hold absolute paths; `local_path` still reads them.
 
 Every file is written to a temporary name in its final folder and moved into place with
 os.replace, so a reader (the API, another worker) never sees a half-written model.
@@ -19,9 +24,10 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Protocol
 
 from app.config import Settings
 
@@ -33,11 +39,13 @@ MODEL_FILE = "model.keras"
 
 @dataclass(frozen=True)
 class StoredArtifact:
-    """Where a file lies and what it holds: the registry stores all three."""
+    """Where a file lies and what it holds. `key` (relative to the store root) is what the
+    registry stores; `path` is the local file (for a remote store, a local copy)."""
 
     path: Path
     sha256: str
     size_bytes: int
+    key: str = ""
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -51,19 +59,70 @@ def file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-class ArtifactStore:
-    """Local-folder implementation; paths it returns are absolute so every process agrees."""
+def resolve_artifact(root: Path, stored: str) -> Path:
+    """The local file of a registry's artifact_path: a key relative to `root`, or a legacy
+    absolute path (kept as it is)."""
+    path = Path(stored)
+    return path if path.is_absolute() else root / path
+
+
+def write_atomically(final: Path, write: Callable[[Path], object], suffix: str = "") -> None:
+    """Write `final` through `write(tmp)` on a temporary name in the same folder, then
+    os.replace it into place: readers see the old file or the whole new one, never a part."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ArtifactStore(Protocol):
+    """What the registry and the runner need from a store of model files and checkpoints."""
+
+    def model_key(self, name: str, version: int) -> str: ...
+
+    def local_path(self, key: str) -> Path: ...
+
+    def checkpoint_dir(self, job_id: uuid.UUID | str) -> Path: ...
+
+    def stage_model(self, model: keras.Model, job_id: uuid.UUID | str) -> StoredArtifact: ...
+
+    def publish_model(self, staged: Path, name: str, version: int) -> StoredArtifact: ...
+
+    def discard_staging(self, job_id: uuid.UUID | str) -> None: ...
+
+    def discard_checkpoints(self, job_id: uuid.UUID | str) -> None: ...
+
+    def discard_job_files(self, job_id: uuid.UUID | str) -> None: ...
+
+    def job_folders(self) -> set[str]: ...
+
+    def folder_age_s(self, job_id: uuid.UUID | str) -> float: ...
+
+
+class LocalArtifactStore:
+    """The store on a local or shared folder; every worker and the API must see the same one."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ArtifactStore:
+    def from_settings(cls, settings: Settings) -> LocalArtifactStore:
         return cls(settings.artifact_dir)
 
     # ------------------------------------------------------------------ layout
+    def model_key(self, name: str, version: int) -> str:
+        return str(PurePosixPath("models", name, str(version), MODEL_FILE))
+
+    def local_path(self, key: str) -> Path:
+        return resolve_artifact(self.root, key)
+
     def model_path(self, name: str, version: int) -> Path:
-        return self.root / "models" / name / str(version) / MODEL_FILE
+        return self.local_path(self.model_key(name, version))
 
     def checkpoint_dir(self, job_id: uuid.UUID | str) -> Path:
         return self.root / "checkpoints" / str(job_id)
@@ -75,18 +134,10 @@ class ArtifactStore:
     def stage_model(self, model: keras.Model, job_id: uuid.UUID | str) -> StoredArtifact:
         """Save a trained model in the `.keras` format under staging/, atomically, and hash it."""
         final = self.staging_path(job_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
         # Keras insists on the .keras suffix, so the temporary name keeps it.
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=final.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            model.save(tmp)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(final, model.save, suffix=".keras")
         sha256, size = file_digest(final)
-        return StoredArtifact(final, sha256, size)
+        return StoredArtifact(final, sha256, size, str(final.relative_to(self.root).as_posix()))
 
     def publish_model(self, staged: Path, name: str, version: int) -> StoredArtifact:
         """Copy a staged model to its registered place (temp file + os.replace).
@@ -94,18 +145,11 @@ class ArtifactStore:
         A copy, not a move, so a registration that has to retry with another version
         number still has its staged file.
         """
-        final = self.model_path(name, version)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=final.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            shutil.copyfile(staged, tmp)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        key = self.model_key(name, version)
+        final = self.local_path(key)
+        write_atomically(final, lambda tmp: shutil.copyfile(staged, tmp), suffix=".keras")
         sha256, size = file_digest(final)
-        return StoredArtifact(final, sha256, size)
+        return StoredArtifact(final, sha256, size, key)
 
     # ------------------------------------------------------------------ clean-up
     def discard_staging(self, job_id: uuid.UUID | str) -> None:

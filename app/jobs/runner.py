@@ -1,9 +1,9 @@
 """Run one training job end to end: claim it, train with durable progress, finish it.
 
-The glue between the database (app.services.execution), the artifact store and the
+The glue between the database (app.jobs.execution), the artifact store and the
 training core (app.ml). No Celery and no HTTP here, so the same runner works under any
-task queue; worker/tasks.py only hands it a job id (and loads TensorFlow when the worker
-starts, so that loading it never stalls a claimed job's heartbeat).
+task queue; the worker's task only hands it a job id. The worker loads TensorFlow when it
+starts (worker/tasks.py), so loading it never stalls a claimed job's heartbeat.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -23,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import session_factory
+from app.jobs import execution
 from app.models import Job
-from app.services import execution
-from app.services.artifacts import ArtifactStore
+from app.registry.store import LocalArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class _Runner:
         beat: _Heartbeat,
     ) -> None:
         self.settings, self.sessions, self.job, self.token = settings, sessions, job, token
-        self.store = ArtifactStore.from_settings(settings)
+        self.store = LocalArtifactStore.from_settings(settings)
         self.control = _Control(sessions, job.id, token, shutdown, beat)
         self.device = "unknown"
 
@@ -474,10 +475,20 @@ def infrastructure_message(exc: BaseException, settings: Settings) -> str:
     )
 
 
+def _out_of_memory_types() -> tuple[type[BaseException], ...]:
+    """MemoryError, and TensorFlow's ResourceExhaustedError when TensorFlow is loaded (a job
+    that failed before it was imported cannot have run out of GPU memory)."""
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    exhausted = getattr(errors, "ResourceExhaustedError", None)
+    return (MemoryError,) if exhausted is None else (MemoryError, exhausted)
+
+
 def failure_message(exc: BaseException, job: Job, settings: Settings, device: str) -> str:
     """A sentence the user can act on, naming what to change."""
     from app.ml.data import DataError
     from app.ml.nets import UnknownNetError
+    from app.ml.training import TrainingError
 
     kind = type(exc).__name__
     if isinstance(exc, DataError):
@@ -486,14 +497,14 @@ def failure_message(exc: BaseException, job: Job, settings: Settings, device: st
             f"setting (now {settings.CIFAR10_SOURCE!r})"
         )
     out_of_memory = "out of memory" in str(exc).lower() or "OOM when allocating" in str(exc)
-    if isinstance(exc, MemoryError) or kind == "ResourceExhaustedError" or out_of_memory:
+    if isinstance(exc, _out_of_memory_types()) or out_of_memory:
         return (
             f"out of memory on {device} with batch_size {job.batch_size}: use a smaller "
             "batch_size, a mixed precision (mixed_bfloat16 or mixed_float16) or a smaller net"
         )
     if isinstance(exc, UnknownNetError):
         return f"{exc}; create a new job with one of them"
-    if kind == "TrainingError":
+    if isinstance(exc, TrainingError):
         return f"training stopped: {exc}"
     if isinstance(exc, ValueError):
         return f"invalid training parameters: {exc}"
