@@ -38,6 +38,11 @@ class Settings(BaseSettings):
 
     PRECISION: Precision = "auto"
     WORKER_NAME: str = ""
+    # `cnn serve` keeps a second worker with TensorFlow loaded, waiting, so that a worker
+    # crash does not wait for TensorFlow to load (docs/reliability.md). Costs its memory.
+    SERVE_STANDBY_WORKER: bool = True
+    # Set by `cnn serve` on its standby worker: wait for this file before taking messages.
+    WORKER_STANDBY_FILE: str = ""
 
     # Job robustness (docs/jobs.md, docs/reliability.md). The heartbeat is a thread, so its
     # timeout does not depend on how long an epoch takes.

@@ -85,10 +85,14 @@ def hand_back_dead_worker(settings: Settings, worker: str) -> list[str]:
 
 
 class WorkerSupervisor(threading.Thread):
-    """Keeps one worker process alive until stop() is called.
+    """Keeps one worker process alive until stop() is called, with a loaded one in reserve.
 
     Every worker it starts gets a unique name (WORKER_NAME), which the worker stores on
     the jobs it claims; when the process exits, `on_death(name)` hands those jobs back.
+    With `standby` (SERVE_STANDBY_WORKER) a second worker is started that loads
+    TensorFlow and then waits for a release file (WORKER_STANDBY_FILE) before it takes any
+    message: when the active worker dies, the standby is released and a new standby
+    started, so a crash does not wait for TensorFlow to load.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class WorkerSupervisor(threading.Thread):
         settings: Settings,
         command: list[str] | None = None,
         on_death: Callable[[str], object] | None = None,
+        standby: bool | None = None,
     ) -> None:
         super().__init__(name="worker-supervisor", daemon=True)
         self.command = command or [sys.executable, "-m", "app.cli", "worker"]
@@ -103,26 +108,63 @@ class WorkerSupervisor(threading.Thread):
         # with the settings laid over it.
         self.env = {**os.environ, **settings_env(settings)}
         self.on_death = on_death
+        self.standby = settings.SERVE_STANDBY_WORKER if standby is None else standby
+        self.standby_dir = (settings.STATE_DIR / "standby").resolve()
         self.process: subprocess.Popen[bytes] | None = None
         self.worker_name = ""
+        self.spare: subprocess.Popen[bytes] | None = None
+        self.spare_name = ""
+        self.spare_release: Path | None = None
+        self._spare_started = 0.0
         self.starts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
+    def _start(self, name: str, release: Path | None) -> subprocess.Popen[bytes]:
+        # Spawned from this thread, which lives as long as the supervision does:
+        # PDEATHSIG follows the creating thread.
+        env = {**self.env, "WORKER_NAME": name, "WORKER_STANDBY_FILE": str(release or "")}
+        process = subprocess.Popen(self.command, env=env, preexec_fn=_parent_death_signal())
+        self.starts += 1
+        return process
+
+    @staticmethod
+    def _new_name() -> str:
+        return f"serve-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+
     def _spawn(self) -> None:
+        """Start a new active worker (no standby to promote)."""
         with self._lock:
             if self._stopping.is_set():
                 return
-            self.worker_name = f"serve-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-            # Spawned from this thread, which lives as long as the supervision does:
-            # PDEATHSIG follows the creating thread.
-            self.process = subprocess.Popen(
-                self.command,
-                env={**self.env, "WORKER_NAME": self.worker_name},
-                preexec_fn=_parent_death_signal(),
-            )
-            self.starts += 1
+            self.worker_name = self._new_name()
+            self.process = self._start(self.worker_name, None)
         log.info("worker process %d (%s) started", self.process.pid, self.worker_name)
+
+    def _spawn_spare(self) -> None:
+        if not self.standby:
+            return
+        with self._lock:
+            if self._stopping.is_set() or (self.spare is not None and self.spare.poll() is None):
+                return
+            self.standby_dir.mkdir(parents=True, exist_ok=True)
+            self.spare_name = self._new_name()
+            self.spare_release = self.standby_dir / f"{uuid.uuid4().hex}.go"
+            self.spare = self._start(self.spare_name, self.spare_release)
+            self._spare_started = time.monotonic()
+        log.info("standby worker process %d (%s) started", self.spare.pid, self.spare_name)
+
+    def _promote(self) -> bool:
+        """Release the standby to become the active worker; False when there is none."""
+        with self._lock:
+            spare, release = self.spare, self.spare_release
+            if spare is None or release is None or spare.poll() is not None:
+                return False
+            release.touch()
+            self.process, self.worker_name = spare, self.spare_name
+            self.spare, self.spare_release = None, None
+        log.info("standby worker process %d (%s) is now active", spare.pid, self.worker_name)
+        return True
 
     def _hand_back(self, name: str) -> None:
         if self.on_death is None:
@@ -137,8 +179,17 @@ class WorkerSupervisor(threading.Thread):
     def run(self) -> None:
         backoff = 0.0
         self._spawn()
+        self._spawn_spare()
         started = time.monotonic()
         while not self._stopping.wait(0.5):
+            spare = self.spare
+            if spare is not None and spare.poll() is not None:
+                log.warning(
+                    "standby worker process %d exited with code %s", spare.pid, spare.returncode
+                )
+                self.spare = None
+            if self.spare is None and time.monotonic() - self._spare_started > STABLE_AFTER_S:
+                self._spawn_spare()
             process = self.process
             if process is None or process.poll() is None:
                 continue
@@ -146,20 +197,25 @@ class WorkerSupervisor(threading.Thread):
             self._hand_back(self.worker_name)
             backoff = 0.0 if lived >= STABLE_AFTER_S else min(max(backoff * 2, 1.0), MAX_BACKOFF_S)
             log.warning(
-                "worker process %d exited with code %s; starting a new one in %.0f s",
+                "worker process %d exited with code %s; a new one takes over in %.0f s",
                 process.pid,
                 process.returncode,
                 backoff,
             )
             if self._stopping.wait(backoff):
                 break
-            self._spawn()
+            if not self._promote():
+                self._spawn()
+            self._spawn_spare()
             started = time.monotonic()
         self._terminate()
 
     def _terminate(self) -> None:
         with self._lock:
-            process = self.process
+            process, spare = self.process, self.spare
+        if spare is not None and spare.poll() is None:
+            spare.kill()  # holds no job: nothing to hand back
+            spare.wait()
         if process is None or process.poll() is not None:
             return
         log.info("stopping worker process %d (warm shutdown)", process.pid)

@@ -115,7 +115,7 @@ class Bench:
 
     # ----------------------------------------------------------------- one measurement
     def measure(
-        self, http: httpx.Client, kill: Callable[[], None], epochs: int
+        self, http: httpx.Client, kill: Callable[[str], None], epochs: int
     ) -> list[tuple[float, float]]:
         """Submit a job, SIGKILL its worker mid-epoch `kills` times; (recovery s, epoch s) each."""
         params = {
@@ -138,7 +138,7 @@ class Bench:
             last = seen[-1]
             # Kill half-way through the next epoch (this epoch's own length as the guide).
             time.sleep(last["seconds"] / 2)
-            kill()
+            kill(http.get(f"/jobs/{job_id}").json()["worker"])
             killed = time.monotonic()
             count = len(rows())
             wait_for(lambda c=count: len(rows()) > c, 900, "the next epoch row")
@@ -172,9 +172,8 @@ class Bench:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         wait_for(lambda: _up(http), 120, "cnn serve to answer", interval=0.2)
 
-        def kill() -> None:
-            (worker,) = _children(serve.pid)
-            os.kill(worker, signal.SIGKILL)
+        def kill(name: str) -> None:
+            os.kill(_worker_pid(serve.pid, name), signal.SIGKILL)
 
         try:
             return self.measure(http, kill, epochs=self.args.kills + 2)
@@ -242,7 +241,7 @@ class Bench:
             worker_cmd = [sys.executable, "-m", "app.cli", "worker"]
             current = [self.start("worker", worker_cmd, settings)]
 
-            def kill() -> None:
+            def kill(_name: str) -> None:
                 current[0].send_signal(signal.SIGKILL)
                 current[0].wait()
                 current[0] = self.start("worker", worker_cmd, settings)  # restart at once
@@ -267,6 +266,16 @@ def _up(http: httpx.Client) -> bool:
         return http.get("/health").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _worker_pid(serve_pid: int, name: str) -> int:
+    """The child of `cnn serve` running the job: by WORKER_NAME (it may keep a standby), or
+    the pid in a default name (cnn-<pid>@host, before serve named its workers)."""
+    for pid in _children(serve_pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"WORKER_NAME={name}".encode() in environ:
+            return pid
+    return int(name.split("@", 1)[0].removeprefix("cnn-"))
 
 
 def _children(pid: int) -> list[int]:
