@@ -133,7 +133,9 @@ class Bench:
             return list(http.get(f"/jobs/{job_id}/history").json()["epochs"])
 
         results = []
-        target = 1  # rows to wait for before the next kill
+        # Rows to wait for before the next kill: two at first, so that the last epoch's length
+        # (the guide for "half-way") is a steady one, not the first with its tracing.
+        target = 2
         for k in range(self.args.kills):
             seen = wait_for(lambda n=target: len(rows()) >= n and rows(), 600, "an epoch row")
             last = seen[-1]
@@ -178,7 +180,7 @@ class Bench:
             os.kill(_worker_pid(serve.pid, name), signal.SIGKILL)
 
         try:
-            return self.measure(http, kill, epochs=2 * self.args.kills + 2)
+            return self.measure(http, kill, epochs=2 * self.args.kills + 3)
         finally:
             http.close()
 
@@ -249,7 +251,7 @@ class Bench:
                 current[0] = self.start("worker", worker_cmd, settings)  # restart at once
 
             try:
-                return self.measure(http, kill, epochs=2 * self.args.kills + 2)
+                return self.measure(http, kill, epochs=2 * self.args.kills + 3)
             finally:
                 http.close()
         finally:
