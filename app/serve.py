@@ -115,7 +115,7 @@ class WorkerSupervisor(threading.Thread):
         self.spare: subprocess.Popen[bytes] | None = None
         self.spare_name = ""
         self.spare_release: Path | None = None
-        self._spare_started = 0.0
+        self._spare_due = 0.0  # when to start a standby if there is none
         self.starts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -151,7 +151,6 @@ class WorkerSupervisor(threading.Thread):
             self.spare_name = self._new_name()
             self.spare_release = self.standby_dir / f"{uuid.uuid4().hex}.go"
             self.spare = self._start(self.spare_name, self.spare_release)
-            self._spare_started = time.monotonic()
         log.info("standby worker process %d (%s) started", self.spare.pid, self.spare_name)
 
     def _promote(self) -> bool:
@@ -179,7 +178,8 @@ class WorkerSupervisor(threading.Thread):
     def run(self) -> None:
         backoff = 0.0
         self._spawn()
-        self._spawn_spare()
+        # The standby loads once the first worker is up, not competing with its start.
+        self._spare_due = time.monotonic() + STABLE_AFTER_S
         started = time.monotonic()
         while not self._stopping.wait(0.5):
             spare = self.spare
@@ -188,7 +188,8 @@ class WorkerSupervisor(threading.Thread):
                     "standby worker process %d exited with code %s", spare.pid, spare.returncode
                 )
                 self.spare = None
-            if self.spare is None and time.monotonic() - self._spare_started > STABLE_AFTER_S:
+                self._spare_due = time.monotonic() + STABLE_AFTER_S  # not in a tight loop
+            if self.spare is None and time.monotonic() >= self._spare_due:
                 self._spawn_spare()
             process = self.process
             if process is None or process.poll() is None:
@@ -206,7 +207,9 @@ class WorkerSupervisor(threading.Thread):
                 break
             if not self._promote():
                 self._spawn()
-            self._spawn_spare()
+            # A new standby would compete for the CPU with the job resuming right now: it is
+            # started once the new active worker has run for a while.
+            self._spare_due = time.monotonic() + STABLE_AFTER_S
             started = time.monotonic()
         self._terminate()
 

@@ -42,7 +42,12 @@ def worker_options(settings: Settings) -> dict[str, object]:
 
 
 def wait_until_released(release: Path) -> None:
-    """A standby worker (`cnn serve`): load TensorFlow, then wait until `release` exists."""
+    """A standby worker (`cnn serve`): load what a job needs, then wait until `release` exists."""
+    import keras  # noqa: F401  (loaded now, not when the job is already waiting)
+
+    import app.jobs.runner  # noqa: F401
+    import app.ml.data  # noqa: F401
+    import app.ml.evaluation  # noqa: F401
     from app.ml.training import configure_devices
 
     configure_devices()
