@@ -7,7 +7,7 @@ without echoing the value back. Responses are built from ORM rows (from_attribut
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,13 +17,15 @@ from pydantic import (
     Field,
     ValidationError,
     WrapValidator,
+    computed_field,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from app.ml.nets import NETS
+from app.ml.nets import CLASS_NAMES, NETS
 from app.ml.params import Optimizer, default
 from app.ml.params import Precision as PrecisionChoice
+from app.models import as_utc
 from app.states import JobStatus
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
@@ -45,14 +47,7 @@ def _expected(description: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-def _as_utc(value: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back without a zone; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 Epochs = Annotated[int, Field(ge=1, le=1000), _expected("an integer from 1 to 1000")]
 BatchSize = Annotated[int, Field(ge=1, le=8192), _expected("an integer from 1 to 8192")]
@@ -95,7 +90,8 @@ class JobCreate(BaseModel):
     learning_rate: LearningRate = default("learning_rate")
     seed: Seed = default("seed")
     train_limit: TrainLimit = Field(
-        default=None, description="Train on the first N training images only (smoke runs)."
+        default=None,
+        description="Train on a seeded random subset of N training images (smoke runs).",
     )
     model_name: ModelName = Field(
         default=None, description="Registry name for the trained model; defaults to the net."
@@ -176,33 +172,6 @@ class JobPublic(BaseModel):
     evaluation: EvaluationSummary | None
     model_version: ModelVersionRef | None
 
-    @classmethod
-    def from_job(cls, job: Any) -> JobPublic:
-        """Build from an app.models.Job (its evaluation and model_version are read too)."""
-        return cls(
-            id=job.id,
-            net=job.net,
-            status=job.status,
-            progress=Progress(epoch=job.current_epoch, epochs=job.epochs),
-            parameters=JobParameters.model_validate(job),
-            created_at=job.created_at,
-            enqueued_at=job.enqueued_at,
-            started_at=job.started_at,
-            heartbeat_at=job.heartbeat_at,
-            finished_at=job.finished_at,
-            worker=job.worker,
-            device=job.device,
-            attempts=job.attempts,
-            error=job.error,
-            cancel_requested=job.cancel_requested,
-            evaluation=(
-                EvaluationSummary.model_validate(job.evaluation) if job.evaluation else None
-            ),
-            model_version=(
-                ModelVersionRef.model_validate(job.model_version) if job.model_version else None
-            ),
-        )
-
 
 class JobList(BaseModel):
     jobs: list[JobPublic]
@@ -253,7 +222,8 @@ class FirstImage(BaseModel):
 
 
 class EvaluationPublic(BaseModel):
-    """Test-set results: exercises 7 (first test image) and 8 (accuracy per class)."""
+    """Test-set results: the seed's exercises 7 (test loss and accuracy) and 8 (the first
+    test image), plus the accuracy per class and the confusion matrix."""
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -263,7 +233,10 @@ class EvaluationPublic(BaseModel):
     first_image: FirstImage
     per_class_accuracy: list[float]
     confusion_matrix: list[list[int]]
-    classes: list[str] = Field(description="Class names, in the order of the lists above.")
+    classes: list[str] = Field(
+        default_factory=lambda: list(CLASS_NAMES),
+        description="Class names, in the order of the lists above.",
+    )
     created_at: UtcDatetime
 
 
@@ -279,7 +252,11 @@ class ModelVersionPublic(BaseModel):
     metrics: dict[str, Any]
     created_at: UtcDatetime
     aliases: list[str] = Field(default_factory=list, description="Aliases pointing here.")
-    artifact_url: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def artifact_url(self) -> str:
+        return f"/models/{self.name}/versions/{self.version}/artifact"
 
 
 class ModelSummary(BaseModel):
@@ -366,3 +343,93 @@ class HealthPublic(BaseModel):
     database: Literal["ok"]
     database_backend: str
     version: str
+
+
+# ----------------------------------------------------------------------------- prediction
+# The pixel data is decoded and validated by app.serving.inputs (pydantic is too slow for
+# pixel arrays); these models document the bodies and validate the small fields.
+
+OutputForm = Literal["full", "probabilities"]
+
+
+class PredictOptions(BaseModel):
+    """The small fields of a /predict request (JSON body fields, or query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="Registered model name.")
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    alias: str | None = Field(default=None, pattern=ALIAS_PATTERN)
+    resize: bool = Field(
+        default=False, description="Resize images that are not 32x32 instead of refusing them."
+    )
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="Answer only the k most probable classes of each image, most probable first.",
+    )
+    output: OutputForm = Field(
+        default="full",
+        description="`full`: one object per image with its probabilities, class id and name. "
+        "`probabilities`: only a matrix of probabilities (rows in the order of `classes`), "
+        "so that large batches do not pay for class names on every row.",
+    )
+
+
+class TensorInput(BaseModel):
+    """Raw pixels: standard base64 of the uint8 bytes of an (N, 32, 32, 3) array, row-major."""
+
+    b64: str
+    shape: list[int] = Field(min_length=4, max_length=4, description="[N, 32, 32, 3]")
+    dtype: Literal["uint8"] = "uint8"
+
+
+class PredictBody(PredictOptions):
+    """The documented JSON body (OpenAPI only: app.serving.inputs parses it by hand).
+
+    Exactly one of `instances`, `images` or `tensor`.
+    """
+
+    instances: list[list[list[list[float]]]] | None = Field(
+        default=None, description="Images as (N, 32, 32, 3) nested lists of pixel values 0-255."
+    )
+    images: list[dict[str, str]] | None = Field(
+        default=None,
+        description='Images as [{"b64": "<standard base64 of a PNG or JPEG>"}], TF Serving style.',
+    )
+    tensor: TensorInput | None = Field(
+        default=None, description="Images as one raw uint8 tensor (the most compact JSON form)."
+    )
+
+
+class TopClass(BaseModel):
+    class_id: int
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    probabilities: list[float] | None = Field(
+        default=None, description="Ten probabilities summing to 1 (absent with top_k)."
+    )
+    class_id: int
+    class_name: str
+    top_k: list[TopClass] | None = Field(
+        default=None, description="With top_k: the k most probable classes, most probable first."
+    )
+
+
+class PredictResponse(BaseModel):
+    """`predictions` with output=full (the default); `probabilities` (and with top_k,
+    `class_ids`) with output=probabilities."""
+
+    model: ModelVersionRef
+    classes: list[str]
+    predictions: list[Prediction] | None = None
+    probabilities: list[list[float]] | None = Field(
+        default=None, description="output=probabilities: one row per image."
+    )
+    class_ids: list[list[int]] | None = Field(
+        default=None, description="output=probabilities with top_k: the class of each column."
+    )

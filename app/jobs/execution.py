@@ -15,7 +15,8 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
@@ -23,11 +24,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import EpochMetric, Evaluation, Job, ModelVersion
+from app.db import rowcount
+from app.models import EpochMetric, Evaluation, Job, ModelVersion, as_utc
 from app.registry.versions import register_version
 from app.states import ALLOWED, JobStatus, check_transition, is_terminal
 
 if TYPE_CHECKING:
+    from app.ml.evaluation import EvaluationResult
+    from app.ml.training import EpochRecord
     from app.registry.store import ArtifactStore, StoredArtifact
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ ERROR_MAX_CHARS = 2000
 REGISTER_RETRIES = 5
 
 
-class ClaimOutcome:
+class ClaimOutcome(StrEnum):
     """Why a claim did or did not hand the job to the caller."""
 
     CLAIMED = "claimed"  # queued -> running
@@ -52,7 +56,7 @@ class ClaimOutcome:
 @dataclass(frozen=True)
 class ClaimResult:
     claimed: bool
-    outcome: str
+    outcome: ClaimOutcome
     token: int = 0  # the fencing token (jobs.claims) for record_epoch/heartbeat/finish_*
     job: Job | None = None
 
@@ -69,13 +73,6 @@ class SweepReport:
 # ----------------------------------------------------------------------------- helpers
 def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back without a zone; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def _sources(target: JobStatus) -> list[str]:
@@ -97,7 +94,7 @@ def db_now(session: Session) -> datetime:
         value = datetime.fromisoformat(str(text))
     else:
         value = session.scalar(select(func.now()))
-    result = _as_utc(value)
+    result = as_utc(value)
     assert result is not None
     return result
 
@@ -123,7 +120,7 @@ def _transition(
         .values(status=str(target), **values)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return rowcount(result) == 1
 
 
 def _owned(token: int) -> list[ColumnElement[bool]]:
@@ -169,7 +166,7 @@ def claim(
         session.rollback()
         return ClaimResult(False, ClaimOutcome.TERMINAL, job=job)
     stale_before = _stale_before(settings, now)
-    heartbeat = _as_utc(job.heartbeat_at)
+    heartbeat = as_utc(job.heartbeat_at)
     if status is JobStatus.RUNNING and heartbeat is not None and heartbeat >= stale_before:
         session.rollback()
         return ClaimResult(False, ClaimOutcome.BUSY, job=job)
@@ -207,7 +204,7 @@ def claim(
         )
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(result) != 1:
         session.rollback()
         return ClaimResult(False, ClaimOutcome.LOST_RACE, job=session.get(Job, job_id))
     session.commit()
@@ -217,7 +214,9 @@ def claim(
     return ClaimResult(True, outcome, token=job.claims, job=job)
 
 
-def _claim_refused(session: Session, job_id: uuid.UUID, changed: bool, outcome: str) -> ClaimResult:
+def _claim_refused(
+    session: Session, job_id: uuid.UUID, changed: bool, outcome: ClaimOutcome
+) -> ClaimResult:
     if changed:
         session.commit()
         return ClaimResult(False, outcome, job=session.get(Job, job_id, populate_existing=True))
@@ -226,7 +225,7 @@ def _claim_refused(session: Session, job_id: uuid.UUID, changed: bool, outcome: 
 
 
 # ----------------------------------------------------------------------------- progress
-def _record_values(record: Any) -> dict[str, Any]:
+def _record_values(record: EpochRecord | Mapping[str, Any]) -> dict[str, Any]:
     data: Mapping[str, Any] = record if isinstance(record, Mapping) else record.to_dict()
     return {
         "epoch": int(data["epoch"]),
@@ -270,7 +269,13 @@ def _insert_ignoring_duplicates(session: Session, values: dict[str, Any]) -> Non
             session.add(EpochMetric(**values))
 
 
-def record_epoch(session: Session, job_id: uuid.UUID | str, record: Any, *, token: int) -> bool:
+def record_epoch(
+    session: Session,
+    job_id: uuid.UUID | str,
+    record: EpochRecord | Mapping[str, Any],
+    *,
+    token: int,
+) -> bool:
     """Store one finished epoch and move the job's progress and heartbeat, in one transaction.
 
     `record` is an EpochRecord or a mapping with its fields. Returns False (and writes
@@ -289,7 +294,7 @@ def record_epoch(session: Session, job_id: uuid.UUID | str, record: Any, *, toke
         )
         .execution_options(synchronize_session=False)
     )
-    if moved.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(moved) != 1:
         session.rollback()
         return False
     _insert_ignoring_duplicates(session, {"job_id": job_id, "created_at": now, **values})
@@ -307,7 +312,7 @@ def _owned_update(session: Session, job_id: uuid.UUID | str, token: int, **value
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return rowcount(result) == 1
 
 
 def heartbeat(session: Session, job_id: uuid.UUID | str, token: int) -> bool:
@@ -318,12 +323,6 @@ def heartbeat(session: Session, job_id: uuid.UUID | str, token: int) -> bool:
 def note_problem(session: Session, job_id: uuid.UUID | str, token: int, message: str) -> bool:
     """Show an operator what the worker is retrying (job.error while it still runs)."""
     return _owned_update(session, job_id, token, error=_clip(message))
-
-
-def is_cancel_requested(session: Session, job_id: uuid.UUID | str) -> bool:
-    flag = session.scalar(select(Job.cancel_requested).where(Job.id == _as_uuid(job_id)))
-    session.rollback()  # end the read transaction; nothing to keep
-    return bool(flag)
 
 
 def control(session: Session, job_id: uuid.UUID | str, token: int) -> str | None:
@@ -358,7 +357,7 @@ def forget_epochs(session: Session, job_id: uuid.UUID | str, token: int) -> bool
         .values(current_epoch=0, heartbeat_at=db_now(session))
         .execution_options(synchronize_session=False)
     )
-    if owned.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(owned) != 1:
         session.rollback()
         return False
     for row in session.scalars(select(EpochMetric).where(EpochMetric.job_id == job_id)):
@@ -380,7 +379,7 @@ def finish_succeeded(
     job_id: uuid.UUID | str,
     token: int,
     *,
-    evaluation: Any,
+    evaluation: EvaluationResult | Mapping[str, Any],
     staged: StoredArtifact,
     store: ArtifactStore,
     device: str,
@@ -643,7 +642,7 @@ def sweep(
             .execution_options(synchronize_session=False)
         )
         session.commit()
-        if taken.rowcount == 1:  # type: ignore[attr-defined]
+        if rowcount(taken) == 1:
             report.resent.append(job_id)
             _send(session, job_id, enqueue)
 
@@ -676,7 +675,7 @@ def clean_up_files(
         if row is None:
             gone = store.folder_age_s(name) > settings.CLEANUP_GRACE_S  # its job was deleted
         else:
-            finished = _as_utc(row.finished_at)
+            finished = as_utc(row.finished_at)
             gone = is_terminal(row.status) and (finished is None or finished <= ended_before)
         if gone:
             store.discard_job_files(name)

@@ -16,8 +16,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,13 +29,19 @@ from app.jobs import execution
 from app.models import Job
 from app.registry.store import LocalArtifactStore
 
+if TYPE_CHECKING:
+    from app.ml.training import EpochRecord
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 log = logging.getLogger(__name__)
 
 # should_stop() runs after every batch; the database is asked at most this often.
 CONTROL_POLL_S = 0.5
 
 
-class Outcome:
+class Outcome(StrEnum):
     """What run_job did, for logs and tests (the job row is the real record)."""
 
     SUCCEEDED = "succeeded"
@@ -134,7 +141,7 @@ def run_job(
     worker: str,
     *,
     shutdown: threading.Event | None = None,
-) -> str:
+) -> Outcome | execution.ClaimOutcome:
     """Claim and run one job; returns an Outcome or a ClaimOutcome when it was not claimed.
 
     Training faults end the job `failed` with a message the user can act on, and the worker
@@ -186,8 +193,14 @@ class _Runner:
         self.control = _Control(sessions, job.id, token, shutdown, beat)
         self.device = "unknown"
 
-    def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One execution step, retried with back-off while the database is unreachable."""
+    def _db(
+        self,
+        fn: Callable[Concatenate[Session, uuid.UUID, P], R],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """One app.jobs.execution step for this job in a session of its own, retried with
+        back-off while the database is unreachable."""
         deadline = time.monotonic() + self.settings.INFRA_RETRY_S
         delay = 0.5
         while True:
@@ -203,7 +216,7 @@ class _Runner:
                 time.sleep(delay)
                 delay = min(delay * 2, self.settings.INFRA_BACKOFF_MAX_S)
 
-    def run(self) -> str:
+    def run(self) -> Outcome:
         try:
             return self._train_and_finish()
         except _Interrupted:
@@ -218,7 +231,7 @@ class _Runner:
                 return Outcome.FAILED
             return Outcome.LOST
 
-    def _infrastructure_fault(self, exc: BaseException) -> str:
+    def _infrastructure_fault(self, exc: BaseException) -> Outcome:
         """Hand the job back after a back-off, keeping its checkpoint and its attempts."""
         message = infrastructure_message(exc, self.settings)
         log.warning("job %s: infrastructure fault: %s", self.job.id, message, exc_info=True)
@@ -261,7 +274,7 @@ class _Runner:
                 self.control.sleep(delay)
                 delay = min(delay * 2, self.settings.INFRA_BACKOFF_MAX_S)
 
-    def _train_and_finish(self) -> str:
+    def _train_and_finish(self) -> Outcome:
         from app.ml.data import load_cifar10
         from app.ml.evaluation import evaluate
         from app.ml.training import (
@@ -291,7 +304,7 @@ class _Runner:
         if not self._align_checkpoint(checkpoint_dir):
             return Outcome.LOST
 
-        def on_epoch(record: Any) -> None:
+        def on_epoch(record: EpochRecord) -> None:
             if not self._db(execution.record_epoch, record, token=self.token):
                 self.control.lose()  # should_stop() ends the fit at the next batch
 
@@ -379,7 +392,7 @@ class _Runner:
         self.store.discard_checkpoints(self.job.id)
         return bool(self._db(execution.forget_epochs, self.token))
 
-    def _stopped(self) -> str:
+    def _stopped(self) -> Outcome:
         reason = self.control.reason
         if reason == "cancel":
             if self._db(execution.finish_cancelled, token=self.token):

@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from app.files import file_digest
 from app.jobs import execution
 from app.jobs.runner import infrastructure_message, is_infrastructure_fault
 from app.jobs.service import cancel_job
 from app.models import Job, ModelVersion
-from app.registry.store import LocalArtifactStore, StoredArtifact, file_digest
+from app.registry.store import LocalArtifactStore, StoredArtifact
 
 STALE = timedelta(minutes=10)
 
