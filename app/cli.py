@@ -138,9 +138,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         # Before TensorFlow or JAX is imported: this worker sees (and owns) that GPU only.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-        name = os.environ.get("WORKER_NAME") or get_settings().WORKER_NAME or f"cnn-{os.getpid()}"
-        node, at, host = name.partition("@")
-        os.environ["WORKER_NAME"] = f"{node}-gpu{args.gpu}{at}{host}"
     # The worker's entry point lives in the `worker` package, which app/ never imports:
     # this process becomes `python -m worker.run` (same pid, environment and settings).
     os.execv(sys.executable, [sys.executable, "-m", "worker.run"])

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,18 +83,50 @@ def resolve_precision(requested: str) -> str:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any]:
-    if checkpoint_dir is None:
-        return {}
-    state_file = checkpoint_dir / CHECKPOINT_STATE
-    if not state_file.is_file() or not (checkpoint_dir / CHECKPOINT_MODEL).is_file():
+# A checkpoint is one folder per epoch, `epoch-000007/` holding the model (with its optimizer
+# state) and the marker (epoch number and every epoch record so far). The folder is written
+# under a temporary name and renamed into place, so the model and its marker are one atomic
+# unit: a crash at any instant leaves either the complete new epoch or the previous one.
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+
+
+def _epoch_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """The complete epoch folders in `checkpoint_dir`, newest first."""
+    try:
+        entries = list(checkpoint_dir.iterdir())
+    except OSError:
+        return []
+    found = [(int(m.group(1)), p) for p in entries if (m := _EPOCH_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    state_file = folder / CHECKPOINT_STATE
+    if not state_file.is_file() or not (folder / CHECKPOINT_MODEL).is_file():
         return {}
     try:
         state = json.loads(state_file.read_text())
         int(state["epoch"])
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
     return dict(state)
+
+
+def _checkpoint_folder(checkpoint_dir: Path | None) -> tuple[Path | None, dict[str, Any]]:
+    """The newest usable checkpoint: (its folder, its marker), or (None, {})."""
+    if checkpoint_dir is None:
+        return None, {}
+    for epoch, folder in _epoch_dirs(checkpoint_dir):
+        state = _read_state(folder)
+        if state and int(state["epoch"]) == epoch:
+            return folder, state
+    # The flat layout of earlier versions (model and marker side by side).
+    state = _read_state(checkpoint_dir)
+    return (checkpoint_dir, state) if state else (None, {})
+
+
+def _checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any]:
+    return _checkpoint_folder(checkpoint_dir)[1]
 
 
 def checkpoint_epoch(checkpoint_dir: Path | None) -> int:
@@ -105,16 +140,39 @@ def checkpoint_records(checkpoint_dir: Path | None) -> list[EpochRecord]:
     return [EpochRecord(**row) for row in rows]
 
 
+def checkpoint_model_path(checkpoint_dir: Path) -> Path:
+    """The model file of the newest usable checkpoint (call only when checkpoint_epoch > 0)."""
+    folder, _ = _checkpoint_folder(checkpoint_dir)
+    if folder is None:
+        raise FileNotFoundError(f"no usable checkpoint in {checkpoint_dir}")
+    return folder / CHECKPOINT_MODEL
+
+
 def _write_checkpoint(model: keras.Model, checkpoint_dir: Path, records: list[EpochRecord]) -> None:
-    """Model + optimizer state, then the epoch marker with the records; each replaced atomically."""
+    """Write epoch-N/ (model + marker) under a unique temporary name, then rename it into place.
+
+    The temporary name is random (not the PID, which repeats across containers sharing the
+    volume). Older epoch folders are removed once the new one is in place.
+    """
+    epoch = records[-1].epoch
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp_model = checkpoint_dir / f"tmp-{os.getpid()}.keras"
-    model.save(tmp_model)
-    os.replace(tmp_model, checkpoint_dir / CHECKPOINT_MODEL)
-    state = {"epoch": records[-1].epoch, "records": [r.to_dict() for r in records]}
-    tmp_state = checkpoint_dir / f"tmp-{os.getpid()}.json"
-    tmp_state.write_text(json.dumps(state))
-    os.replace(tmp_state, checkpoint_dir / CHECKPOINT_STATE)
+    tmp = checkpoint_dir / f".tmp-{uuid.uuid4().hex}"
+    final = checkpoint_dir / f"epoch-{epoch:06d}"
+    try:
+        tmp.mkdir()
+        model.save(tmp / CHECKPOINT_MODEL)
+        state = {"epoch": epoch, "records": [r.to_dict() for r in records]}
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
+        if final.exists():  # the same epoch trained again after a restart from scratch
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for older, folder in _epoch_dirs(checkpoint_dir):
+        if older != epoch:
+            shutil.rmtree(folder, ignore_errors=True)
+    for name in (CHECKPOINT_MODEL, CHECKPOINT_STATE):  # a flat checkpoint of earlier versions
+        (checkpoint_dir / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- model
@@ -182,6 +240,11 @@ def _make_callback(
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             self._train_end = time.perf_counter()
+            if should_stop is not None and should_stop():
+                raise _Cancelled()
+
+        def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            # The epoch's validation pass stops as promptly as training (cancel, shutdown).
             if should_stop is not None and should_stop():
                 raise _Cancelled()
 
@@ -255,7 +318,7 @@ def train(
     done = checkpoint_epoch(checkpoint_dir)
     if done:
         assert checkpoint_dir is not None
-        model = keras.saving.load_model(checkpoint_dir / CHECKPOINT_MODEL)
+        model = keras.saving.load_model(checkpoint_model_path(checkpoint_dir))
     else:
         model = build_compiled(config, precision)
 
