@@ -30,6 +30,8 @@ TARGET="${GPU_CHECK_TARGET:-$(mktemp -d /tmp/cnn-gpu-site.XXXXXX)}"
 export KERAS_BACKEND="${KERAS_BACKEND:-jax}"
 export STATE_DIR="$STATE"
 export CACHE_DIR="${CACHE_DIR:-$STATE/cache}"  # decoded CIFAR-10, shared by service and bench
+# No standby worker: a second JAX process on the card is not needed for a few-minute check.
+export SERVE_STANDBY_WORKER="${SERVE_STANDBY_WORKER:-false}"
 export PYTHONPATH="$REPO:$TARGET${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ -z "${CIFAR10_SOURCE:-}" ]; then
