@@ -120,7 +120,7 @@ def test_unwritable_artifact_store_at_the_end_of_a_fit_keeps_the_checkpoint_and_
         assert stack.versions(job_id) == []
     finally:
         staging.unlink()  # the operator repairs the store
-    stack.wait_terminal(job_id, 60)
+    stack.wait_terminal(job_id, 300)
     job = stack.assert_succeeded_once(job_id, 2)
     assert (job.attempts, job.claims, job.error) == (1, 1, None)
 
@@ -182,10 +182,10 @@ def test_cancel_racing_the_end_of_training_is_either_refused_or_wins(
     outcomes = []
     for _ in range(20):
         job_id = _submit(stack, model_name="race")
-        wait_for(lambda j=job_id: stack.job(j).status == "running", 60, "the job to run", 0.01)
+        wait_for(lambda j=job_id: stack.job(j).status == "running", 300, "the job to run", 0.01)
         time.sleep(rng.uniform(0, span * 1.2))
         response = stack.api.http.post(f"/jobs/{job_id}/cancel")
-        job = stack.wait_terminal(job_id, 60)
+        job = stack.wait_terminal(job_id, 300)
         if response.status_code == 200:
             assert job.status == "cancelled", job.status
             assert job.model_version_id is None and stack.versions(job_id) == []
