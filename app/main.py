@@ -14,10 +14,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from app.api import health, jobs, models, nets, predict, summary
+from app.api import health, jobs, keys, models, nets, predict, summary
+from app.api.limits import install_limits
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import error_body, install_error_handlers
+from app.quotas import RateLimiter
 from app.services.registry import ModelNotFound
 from app.states import InvalidTransition, is_terminal
 
@@ -53,6 +55,21 @@ def _install_domain_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("model_not_found", str(exc)), status_code=404)
 
 
+def warn_open_access(settings: Settings) -> None:
+    """Say at every start when the service is open to callers without a key."""
+    if settings.AUTH == "off":
+        log.warning(
+            "AUTH=off: every request acts as an administrator; use this only on a machine "
+            "nobody else can reach"
+        )
+        return
+    opened = [name for name in ("ANONYMOUS_READ", "ANONYMOUS_PREDICT") if getattr(settings, name)]
+    if opened:
+        log.warning("%s: callers without an API key are served", " and ".join(opened))
+    if "*" in settings.allowed_hosts:
+        log.warning("ALLOWED_HOSTS=*: any Host header is served; check it in the proxy in front")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: the process settings).
 
@@ -65,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API up, database backend %s", sessions.kw["bind"].dialect.name)
+        warn_open_access(settings)
         yield
         # Return pooled connections now rather than at interpreter exit.
         sessions.kw["bind"].dispose()
@@ -77,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
+    app.state.predict_limiter = RateLimiter(settings.PREDICT_RATE_PER_S, settings.PREDICT_BURST)
     install_error_handlers(app)
+    install_limits(app, settings)
     _install_domain_handlers(app)
     for router in (
         health.router,
@@ -86,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         models.router,
         predict.router,
+        keys.router,
     ):
         app.include_router(router)
     return app

@@ -366,3 +366,54 @@ class HealthPublic(BaseModel):
     database: Literal["ok"]
     database_backend: str
     version: str
+
+
+# ----------------------------------------------------------------------------- API keys
+Scope = Literal["read", "predict", "train", "admin"]
+
+
+class ApiKeyCreate(BaseModel):
+    """POST /keys: a unique name and at least one scope."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "dashboard", "scopes": ["read", "predict"]}]},
+    )
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.@-]{1,64}$",
+        description="1-64 characters from A-Z, a-z, 0-9, '_', '.', '@', '-'; unique.",
+    )
+    scopes: list[Scope] = Field(min_length=1, max_length=4)
+
+
+class ApiKeyPublic(BaseModel):
+    """A key as listed: never the key itself, only its first characters."""
+
+    id: int
+    name: str
+    prefix: str = Field(description="The key's first characters, to tell keys apart.")
+    scopes: list[Scope]
+    created_at: UtcDatetime
+    last_used_at: UtcDatetime | None
+    revoked_at: UtcDatetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> ApiKeyPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            prefix=row.prefix,
+            scopes=row.scopes.split(),
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+        )
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The key itself. Shown only in this answer: store it now.")
+
+
+class ApiKeyList(BaseModel):
+    keys: list[ApiKeyPublic]
