@@ -191,11 +191,9 @@ def check_model_owner(session: Session, principal: Principal, name: str) -> None
 
 
 def claim_model_name(session: Session, principal: Principal, name: str) -> None:
-    """Make `principal` the owner of `name` if nobody is; Forbidden if someone else is.
-
-    Called before a job that registers under `name` is inserted. Not committed here: the
-    claim commits with the job. Two keys racing for a new name both try the INSERT and the
-    primary key lets one win (the loser gets IntegrityError at commit: see create_job).
+    """Make `principal` the owner of `name` if nobody is (committed); Forbidden if someone
+    else is. Called before a job that registers under `name` is inserted. Two keys racing
+    for a new name both try the INSERT; the primary key lets one win and the other reads it.
     """
     row = model_owner(session, name)
     if row is None:
@@ -206,8 +204,13 @@ def claim_model_name(session: Session, principal: Principal, name: str) -> None:
                 created_at=datetime.now(UTC),
             )
         )
-        return
-    if not principal.owns(row.owner_id):
+        try:
+            session.commit()
+            return
+        except IntegrityError:
+            session.rollback()
+            row = model_owner(session, name)
+    if row is not None and not principal.owns(row.owner_id):
         raise Forbidden(
             f"the model name {name!r} belongs to another API key; choose another model_name"
         )

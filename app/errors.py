@@ -143,6 +143,11 @@ class KeyNameTaken(AppError):
         super().__init__("key_name_taken", message, 409)
 
 
+class JobTooLarge(AppError):
+    def __init__(self, message: str) -> None:
+        super().__init__("job_too_large", message, 422)
+
+
 class QuotaExceeded(AppError):
     def __init__(self, message: str) -> None:
         super().__init__("quota_exceeded", message, 429)

@@ -14,6 +14,8 @@ Fixtures (all lazy: a test that uses none of them never touches PostgreSQL or Re
 - ``client`` (function): fastapi.testclient.TestClient around create_app(settings), lifespan
   running, on the emptied database, sending an admin API key (``client.admin_key``).
 - ``api_key`` (function): ``api_key("read,predict") -> str`` creates an API key.
+- ``client_for`` (function): ``with client_for(settings.model_copy(...)) as c:`` a client of
+  an app built on other settings, sending a new admin key.
 - ``make_job`` (function): ``make_job(status="queued", **columns) -> Job`` writes a job row
   straight through the ORM in any state (running/succeeded/... with plausible timestamps).
 - ``add_epochs`` (function): ``add_epochs(job_id, n, start=1) -> list[dict]`` writes n epoch
@@ -181,6 +183,20 @@ def client(api_key: Callable[..., str], settings: Any) -> Iterator[Any]:
     with TestClient(create_app(settings), headers=bearer(key)) as test_client:
         test_client.admin_key = key  # type: ignore[attr-defined]
         yield test_client
+
+
+@pytest.fixture
+def client_for(api_key: Callable[..., str]) -> Callable[..., Any]:
+    """``with client_for(settings_variant) as c:`` a TestClient on create_app(variant) that
+    sends a new admin key (the variant must use the test database)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    def make(variant: Any, scopes: str = "admin") -> Any:
+        return TestClient(create_app(variant), headers=bearer(api_key(scopes)))
+
+    return make
 
 
 @pytest.fixture

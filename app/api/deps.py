@@ -115,17 +115,28 @@ def require_scope(*scopes: str) -> Callable[..., Principal]:
     return dependency
 
 
-ReadPrincipal = Annotated[Principal, Depends(require_scope("read"))]
-TrainPrincipal = Annotated[Principal, Depends(require_scope("train"))]
-AdminPrincipal = Annotated[Principal, Depends(require_scope("admin"))]
+# One dependency object per scope, so that listing it in a route's `dependencies=[...]`
+# (to check the key before the body's content type) and taking the Principal as a
+# parameter run it once (FastAPI caches a dependency per request).
+require_read = require_scope("read")
+require_train = require_scope("train")
+require_admin = require_scope("admin")
+require_predict = require_scope("predict")
 # Jobs: `read` sees every job, a `train` key its own.
-JobReader = Annotated[Principal, Depends(require_scope("read", "train"))]
+require_job_reader = require_scope("read", "train")
+ReadPrincipal = Annotated[Principal, Depends(require_read)]
+TrainPrincipal = Annotated[Principal, Depends(require_train)]
+AdminPrincipal = Annotated[Principal, Depends(require_admin)]
+JobReader = Annotated[Principal, Depends(require_job_reader)]
+ReadAccess = Depends(require_read)
+TrainAccess = Depends(require_train)
+AdminAccess = Depends(require_admin)
 
 
 def rate_limited_predict(
     request: Request,
     settings: SettingsDep,
-    principal: Annotated[Principal, Depends(require_scope("predict"))],
+    principal: Annotated[Principal, Depends(require_predict)],
 ) -> Principal:
     """The /predict caller, after taking a token from its bucket (429 + Retry-After)."""
     limiter = getattr(request.app.state, "predict_limiter", None)
@@ -139,3 +150,4 @@ def rate_limited_predict(
 
 
 PredictPrincipal = Annotated[Principal, Depends(rate_limited_predict)]
+PredictAccess = Depends(rate_limited_predict)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi import Path as PathParam
 
 from app import auth
-from app.api.deps import AdminPrincipal, JsonBody, SessionDep
+from app.api.deps import AdminAccess, AdminPrincipal, JsonBody, SessionDep
 from app.schemas import INT32_MAX, ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPublic
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -24,7 +24,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     "",
     status_code=201,
     response_model=ApiKeyCreated,
-    dependencies=[JsonBody],
+    dependencies=[AdminAccess, JsonBody],
     responses={**ERRORS, 409: {"description": "The name is taken (`key_name_taken`)."}},
 )
 def create_key(body: ApiKeyCreate, session: SessionDep, _: AdminPrincipal) -> ApiKeyCreated:

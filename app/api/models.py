@@ -11,7 +11,15 @@ from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.deps import JsonBody, SessionDep, SettingsDep
+from app import auth
+from app.api.deps import (
+    JsonBody,
+    ReadAccess,
+    SessionDep,
+    SettingsDep,
+    TrainAccess,
+    TrainPrincipal,
+)
 from app.errors import AppError
 from app.models import ModelVersion
 from app.schemas import (
@@ -64,7 +72,7 @@ def _version_or_404(session: Session, name: str, version: int) -> ModelVersion:
         raise AppError("unknown_version", str(exc), 404) from exc
 
 
-@router.get("", response_model=ModelList)
+@router.get("", response_model=ModelList, dependencies=[ReadAccess])
 def list_models(session: SessionDep) -> ModelList:
     """Every registered name with its latest version and its aliases."""
     models = []
@@ -85,6 +93,7 @@ def list_models(session: SessionDep) -> ModelList:
 @router.get(
     "/{name}",
     response_model=RegisteredModelPublic,
+    dependencies=[ReadAccess],
     responses={404: {"description": "No such registered name (`unknown_model`)."}},
 )
 def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
@@ -101,11 +110,16 @@ def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
 @router.put(
     "/{name}/aliases/{alias}",
     response_model=AliasPublic,
-    dependencies=[JsonBody],
+    dependencies=[TrainAccess, JsonBody],
     responses={404: {"description": "No such name or version."}},
 )
-def set_alias(name: Name, alias: Alias, body: AliasUpdate, session: SessionDep) -> AliasPublic:
-    """Point `name@alias` at a version; moving an alias is one UPDATE, never a gap."""
+def set_alias(
+    name: Name, alias: Alias, body: AliasUpdate, session: SessionDep, principal: TrainPrincipal
+) -> AliasPublic:
+    """Point `name@alias` at a version; moving an alias is one UPDATE, never a gap.
+
+    Only the name's owner (the key that first submitted a job under it) or an admin."""
+    auth.check_model_owner(session, principal, name)
     _version_or_404(session, name, body.version)
     try:
         row = registry.set_alias(session, name, alias, body.version)
@@ -121,6 +135,7 @@ def set_alias(name: Name, alias: Alias, body: AliasUpdate, session: SessionDep) 
 @router.get(
     "/{name}/versions/{version}/artifact",
     response_class=FileResponse,
+    dependencies=[ReadAccess],
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The .keras file."},
         404: {"description": "No such version, or its file is gone (`artifact_missing`)."},

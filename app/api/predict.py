@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import JsonBody, SessionDep, SettingsDep
+from app.api.deps import JsonBody, PredictAccess, SessionDep, SettingsDep
 from app.config import Settings
 from app.errors import AppError
 from app.ml.inference import (
@@ -247,7 +247,7 @@ def _dumps(result: dict[str, Any]) -> Response:
 
 @router.post(
     "/predict",
-    dependencies=[JsonBody],
+    dependencies=[PredictAccess, JsonBody],
     responses=_ERRORS,
     openapi_extra={
         "requestBody": {
@@ -277,7 +277,7 @@ def require_multipart(request: Request) -> None:
 
 @router.post(
     "/predict/image",
-    dependencies=[Depends(require_multipart)],
+    dependencies=[PredictAccess, Depends(require_multipart)],
     responses=_ERRORS,
     summary="Class probabilities for one uploaded PNG or JPEG",
 )

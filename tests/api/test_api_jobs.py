@@ -83,10 +83,12 @@ def test_post_job_keeps_every_given_parameter(client):
     assert job["progress"] == {"epoch": 0, "epochs": 3}
 
 
-def test_job_stays_queued_when_the_broker_is_down(clean_db, settings, session_factory):
+def test_job_stays_queued_when_the_broker_is_down(
+    clean_db, settings, session_factory, client_for
+):
     # Nothing listens on port 1: the broker refuses like a stopped Redis.
     down = settings.model_copy(update={"CELERY_BROKER_URL": "redis://127.0.0.1:1/0"})
-    with TestClient(create_app(down)) as client:
+    with client_for(down) as client:
         started = time.monotonic()
         response = client.post("/jobs", json={"net": "net1", "epochs": 2})
         elapsed = time.monotonic() - started
@@ -115,12 +117,12 @@ def test_idempotency_key_returns_the_same_job(client, session_factory, training_
     assert job_count(session_factory) == 3
 
 
-def test_idempotency_key_reused_with_other_parameters_is_422(client, session_factory, expect_error):
+def test_idempotency_key_reused_with_other_parameters_is_409(client, session_factory, expect_error):
     headers = {"Idempotency-Key": "retry-me-2"}
     assert client.post("/jobs", json={"net": "net1"}, headers=headers).status_code == 202
     error = expect_error(
         client.post("/jobs", json={"net": "net1", "epochs": 5}, headers=headers),
-        422,
+        409,
         "idempotency_key_reused",
     )
     assert "epochs" in error["message"]
@@ -151,6 +153,8 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
         waiting = 0
         while waiting == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+            # pg_stat_activity is a snapshot per transaction: take a fresh one each time.
+            holder.execute(text("SELECT pg_stat_clear_snapshot()"))
             waiting = holder.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_activity "
