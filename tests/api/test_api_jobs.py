@@ -13,11 +13,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select, text
 
-from app.main import create_app
 from app.ml.nets import CLASS_NAMES, NETS
 from app.models import Evaluation, Job
 from worker.celery_app import TRAIN_TASK
@@ -83,9 +81,7 @@ def test_post_job_keeps_every_given_parameter(client):
     assert job["progress"] == {"epoch": 0, "epochs": 3}
 
 
-def test_job_stays_queued_when_the_broker_is_down(
-    clean_db, settings, session_factory, client_for
-):
+def test_job_stays_queued_when_the_broker_is_down(clean_db, settings, session_factory, client_for):
     # Nothing listens on port 1: the broker refuses like a stopped Redis.
     down = settings.model_copy(update={"CELERY_BROKER_URL": "redis://127.0.0.1:1/0"})
     with client_for(down) as client:
