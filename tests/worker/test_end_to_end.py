@@ -28,7 +28,16 @@ from app.migrate import upgrade
 from app.models import EpochMetric, Job
 from app.services.artifacts import ArtifactStore, file_digest
 
-from .conftest import DATA_CACHE, FAST_ROBUSTNESS, Api, Processes, free_port, wait_api, wait_for
+from .conftest import (
+    DATA_CACHE,
+    FAST_ROBUSTNESS,
+    Api,
+    Processes,
+    admin_key,
+    free_port,
+    wait_api,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +109,7 @@ def stack(
     port = free_port()
     try:
         procs.api(settings, port)
-        api = Api(port)
+        api = Api(port, admin_key(settings))
         yield Stack(settings, api)
         api.close()
     finally:
@@ -255,7 +264,8 @@ def test_embedded_default_trains_restarts_its_worker_and_stops_on_ctrl_c(
     command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     serve = processes.start("serve", command, settings)
     wait_api(serve, port, timeout=120)
-    api = Api(port)
+    # The first start wrote an admin key for the README's curl lines to read.
+    api = Api(port, settings.admin_key_file.read_text().strip())
     assert api.http.get("/health").json()["database_backend"] == "sqlite"
 
     job = api.submit(**SMALL_JOB, epochs=2)
@@ -289,7 +299,7 @@ def test_embedded_default_trains_restarts_its_worker_and_stops_on_ctrl_c(
 
     serve = processes.start("serve-again", command, settings)
     wait_api(serve, port, timeout=120)
-    api = Api(port)
+    api = Api(port, settings.admin_key_file.read_text().strip())
     finished = api.wait_status(job_id, "succeeded", timeout=180)
     assert api.epochs(job_id) == [1, 2, 3, 4, 5, 6]
     assert finished["attempts"] == 1
