@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Forbidden, KeyNameTaken, KeyNotFound, Unauthorized
-from app.models import ApiKey, Job, ModelOwner
+from app.models import ApiKey, Job, ModelOwner, ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -197,16 +197,15 @@ def claim_model_name(session: Session, principal: Principal, name: str) -> None:
     """
     row = model_owner(session, name)
     if row is None:
-        session.add(
-            ModelOwner(
-                name=name,
-                owner_id=None if principal.is_admin else principal.id,
-                created_at=datetime.now(UTC),
-            )
+        # Versions registered without a claim (outside the API) belong to the admins.
+        registered = session.scalar(
+            select(ModelVersion.id).where(ModelVersion.name == name).limit(1)
         )
+        owner = None if principal.is_admin or registered is not None else principal.id
+        row = ModelOwner(name=name, owner_id=owner, created_at=datetime.now(UTC))
+        session.add(row)
         try:
             session.commit()
-            return
         except IntegrityError:
             session.rollback()
             row = model_owner(session, name)
