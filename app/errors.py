@@ -50,6 +50,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[st
     return message, fields
 
 
+# FastAPI's detail when the body cannot even be decoded (e.g. not UTF-8).
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -105,6 +107,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         headers = exc.headers
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+            # Bytes that are not UTF-8 JSON: the same 422 as any other malformed JSON.
+            return JSONResponse(
+                error_body("validation_error", "body: the body is not valid UTF-8 JSON"),
+                status_code=422,
+            )
         if exc.status_code == 405:
             headers = {"Allow": ", ".join(allowed_methods(request))}
         return JSONResponse(

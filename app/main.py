@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -70,6 +71,27 @@ def warn_open_access(settings: Settings) -> None:
         log.warning("ALLOWED_HOSTS=*: any Host header is served; check it in the proxy in front")
 
 
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """Write the job size bounds of these settings into the OpenAPI document, so a request
+    the schema allows is one the service accepts (JOB_MAX_EPOCHS, JOB_MAX_BATCH_SIZE)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            fields = schema.get("components", {}).get("schemas", {}).get("JobCreate", {})
+            for name, bound in (
+                ("epochs", settings.JOB_MAX_EPOCHS),
+                ("batch_size", settings.JOB_MAX_BATCH_SIZE),
+            ):
+                field = fields.get("properties", {}).get(name)
+                if field is not None and "maximum" in field:
+                    field["maximum"] = min(field["maximum"], bound)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: the process settings).
 
@@ -99,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_limits(app, settings)
     _install_domain_handlers(app)
+    _document_limits(app, settings)
     for router in (
         health.router,
         nets.router,

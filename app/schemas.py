@@ -26,7 +26,9 @@ from app.ml.params import Optimizer, default
 from app.ml.params import Precision as PrecisionChoice
 from app.states import JobStatus
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+# A name is a folder of the artifact store (models/<name>/<version>/): it starts with a
+# letter or digit, so ".", ".." and hidden names cannot step out of it.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 ALIAS_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 INT32_MAX = 2**31 - 1  # the jobs columns are 32-bit INTEGER on PostgreSQL
 
@@ -75,7 +77,9 @@ TrainLimit = Annotated[
 ModelName = Annotated[
     str | None,
     Field(pattern=MODEL_NAME_PATTERN),
-    _expected("null or 1-128 characters from A-Z, a-z, 0-9, '_', '.', '-'"),
+    _expected(
+        "null or 1-128 characters from A-Z, a-z, 0-9, '_', '.', '-', starting with a letter or digit"
+    ),
 ]
 
 
