@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import Forbidden, KeyNameTaken, KeyNotFound, Unauthorized
+from app.errors import Forbidden, KeyInUse, KeyNameTaken, KeyNotFound, Unauthorized
 from app.models import ApiKey, Job, ModelOwner, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,13 @@ def find_key(session: Session, id_or_name: int | str) -> ApiKey:
     return row
 
 
-def revoke_key(session: Session, id_or_name: int | str) -> ApiKey:
-    """Mark a key revoked (idempotent). The row stays: jobs and model names keep their owner."""
+def revoke_key(session: Session, id_or_name: int | str, by: Principal | None = None) -> ApiKey:
+    """Mark a key revoked (idempotent). The row stays: jobs and model names keep their owner.
+
+    A key cannot revoke itself over the API (KeyInUse): an admin would lock itself out."""
     row = find_key(session, id_or_name)
+    if by is not None and by.id == row.id:
+        raise KeyInUse("a key cannot revoke itself; revoke it with another admin key or the CLI")
     if row.revoked_at is None:
         row.revoked_at = datetime.now(UTC)
         session.commit()

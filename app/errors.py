@@ -156,6 +156,11 @@ class JobTooLarge(AppError):
         super().__init__("job_too_large", message, 422)
 
 
+class KeyInUse(AppError):
+    def __init__(self, message: str) -> None:
+        super().__init__("key_in_use", message, 409)
+
+
 class QuotaExceeded(AppError):
     def __init__(self, message: str) -> None:
         super().__init__("quota_exceeded", message, 429)

@@ -71,23 +71,66 @@ def warn_open_access(settings: Settings) -> None:
         log.warning("ALLOWED_HOSTS=*: any Host header is served; check it in the proxy in front")
 
 
-def _document_limits(app: FastAPI, settings: Settings) -> None:
-    """Write the job size bounds of these settings into the OpenAPI document, so a request
-    the schema allows is one the service accepts (JOB_MAX_EPOCHS, JOB_MAX_BATCH_SIZE)."""
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "Stable symbolic code."},
+                "message": {"type": "string"},
+                "details": {"type": "object"},
+            },
+        }
+    },
+}
+_GUARD_RESPONSES = {
+    "401": "No API key, an unknown or revoked one (`unauthorized`).",
+    "403": "The key lacks the scope, or the job or model name is another key's (`forbidden`).",
+}
+
+
+def _document_security(app: FastAPI, settings: Settings) -> None:
+    """Complete the OpenAPI document with what the guards answer, so that every status the
+    service sends is documented: 401/403 on every secured operation, 413 where a body is
+    read, 429 on /predict, the common error body, and the job size bounds of `settings`
+    (a request the schema allows is one the service accepts)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            fields = schema.get("components", {}).get("schemas", {}).get("JobCreate", {})
-            for name, bound in (
-                ("epochs", settings.JOB_MAX_EPOCHS),
-                ("batch_size", settings.JOB_MAX_BATCH_SIZE),
-            ):
-                field = fields.get("properties", {}).get(name)
-                if field is not None and "maximum" in field:
-                    field["maximum"] = min(field["maximum"], bound)
-        return app.openapi_schema or {}
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Error"] = ERROR_SCHEMA
+        error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                extra = dict(_GUARD_RESPONSES) if operation.get("security") else {}
+                if "requestBody" in operation:
+                    extra["413"] = "The body is over its limit (`too_large`)."
+                if path.startswith("/predict"):
+                    extra["429"] = "Too many requests for this key (`rate_limited`, Retry-After)."
+                for status, text in extra.items():
+                    responses.setdefault(status, {"description": text})
+                for status, response in responses.items():
+                    # Every error answers the common body (FastAPI documents its own
+                    # {"detail": [...]} for 422, which this service never sends).
+                    if status.isdigit() and int(status) >= 400:
+                        response["content"] = error_content
+        fields = components.get("JobCreate", {}).get("properties", {})
+        for name, bound in (
+            ("epochs", settings.JOB_MAX_EPOCHS),
+            ("batch_size", settings.JOB_MAX_BATCH_SIZE),
+        ):
+            field = fields.get(name)
+            if field is not None and "maximum" in field:
+                field["maximum"] = min(field["maximum"], bound)
+        app.openapi_schema = schema
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
@@ -121,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_limits(app, settings)
     _install_domain_handlers(app)
-    _document_limits(app, settings)
+    _document_security(app, settings)
     for router in (
         health.router,
         nets.router,

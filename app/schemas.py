@@ -91,7 +91,10 @@ class JobCreate(BaseModel):
         json_schema_extra={"examples": [{"net": "net1", "epochs": 20, "batch_size": 128}]},
     )
 
-    net: str = Field(description="A registered architecture, see GET /nets.")
+    net: str = Field(
+        description="A registered architecture, see GET /nets.",
+        json_schema_extra={"enum": list(NETS)},
+    )
     epochs: Epochs = default("epochs")
     batch_size: BatchSize = default("batch_size")
     validation_split: ValidationSplit = default("validation_split")

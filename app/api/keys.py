@@ -41,8 +41,12 @@ def list_keys(session: SessionDep, _: AdminPrincipal) -> ApiKeyList:
 @router.delete(
     "/{key_id}",
     response_model=ApiKeyPublic,
-    responses={**ERRORS, 404: {"description": "No such key (`key_not_found`)."}},
+    responses={
+        **ERRORS,
+        404: {"description": "No such key (`key_not_found`)."},
+        409: {"description": "The key of this very request (`key_in_use`)."},
+    },
 )
-def revoke_key(key_id: KeyId, session: SessionDep, _: AdminPrincipal) -> ApiKeyPublic:
+def revoke_key(key_id: KeyId, session: SessionDep, principal: AdminPrincipal) -> ApiKeyPublic:
     """Revoke at once (the next request with it is 401); revoking twice is harmless."""
-    return ApiKeyPublic.from_row(auth.revoke_key(session, key_id))
+    return ApiKeyPublic.from_row(auth.revoke_key(session, key_id, by=principal))

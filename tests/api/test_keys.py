@@ -79,6 +79,8 @@ def test_keys_endpoints_create_list_revoke(client, expect_error):
     assert client.delete(f"/keys/{body['id']}").status_code == 200  # idempotent
     expect_error(client.get("/nets", headers=bearer(key)), 401, "unauthorized")
     expect_error(client.delete("/keys/999999"), 404, "key_not_found")
+    own = next(row["id"] for row in listed if row["name"] == "test-admin")
+    expect_error(client.delete(f"/keys/{own}"), 409, "key_in_use")
 
 
 @pytest.mark.parametrize(
