@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,9 +133,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(_: argparse.Namespace) -> int:
-    from worker.run import run_worker
-
-    return run_worker(get_settings()) or 0
+    # The worker's entry point lives in the `worker` package, which app/ never imports:
+    # this process becomes `python -m worker.run` (same pid, environment and settings).
+    os.execv(sys.executable, [sys.executable, "-m", "worker.run"])
 
 
 def _cmd_migrate(_: argparse.Namespace) -> int:
@@ -152,12 +153,12 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.STATE_DIR.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
-    from app.errors import AppError
+    from app.errors import DomainError
 
     with session_factory(settings)() as session:
         try:
             return _keys(session, args)
-        except AppError as exc:
+        except DomainError as exc:
             print(f"cnn keys: error: {exc.message}", file=sys.stderr)
             return 2
 

@@ -1,35 +1,284 @@
-"""One error type and one JSON body for every failure: {"error": {"code", "message"}}.
+"""One error model: domain exceptions, the one code -> HTTP status table, the handlers.
 
-Codes are stable symbolic strings that clients can switch on; messages say what was
-wrong and what was expected, and never echo the request payload back.
+Services, the job runner and `app.ml` raise subclasses of `DomainError`. They know nothing
+of HTTP: each carries a stable symbolic `code` (what clients switch on) and a message that
+says what was wrong and what was expected, never echoing the request payload back.
+`STATUS` is the only place that turns a code into an HTTP status, and
+`install_error_handlers` renders every failure as {"error": {"code", "message"}}.
+
+FastAPI is imported only inside `install_error_handlers`, so `app.ml` and the worker can
+import the exceptions without pulling in the web stack. docs/architecture.md lists every
+code with its status and when it is sent.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+
+    from app.states import JobStatus
+
+log = logging.getLogger(__name__)
+
+# The one table from error code to HTTP status. A code missing here answers 500.
+STATUS: dict[str, int] = {
+    # the request itself
+    "bad_json": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "too_many_instances": 413,
+    "unsupported_media_type": 415,
+    "validation_error": 422,
+    "host_not_allowed": 400,
+    # prediction input (InputError)
+    "empty_batch": 422,
+    "bad_shape": 422,
+    "bad_value": 422,
+    "bad_range": 422,
+    "not_finite": 422,
+    "bad_image": 422,
+    "image_size": 422,
+    "bad_base64": 422,
+    # jobs
+    "job_not_found": 404,
+    "no_evaluation": 404,
+    "no_history": 404,
+    "idempotency_key_reused": 409,
+    "job_too_large": 422,
+    "quota_exceeded": 429,
+    "job_terminal": 409,
+    "invalid_transition": 409,
+    # nets, models and artifacts
+    "unknown_net": 404,
+    "model_not_found": 404,
+    "artifact_missing": 404,
+    "model_unavailable": 503,
+    # the service
+    "database_unavailable": 503,
+    # API keys and limits
+    "key_not_found": 404,
+    "key_name_taken": 409,
+    "key_in_use": 409,
+    "rate_limited": 429,
+    "internal_error": 500,
+}
 
 log = logging.getLogger(__name__)
 
 
-class AppError(Exception):
-    """An error the client can act on; `status` is the HTTP status to answer with."""
+class DomainError(Exception):
+    """An error a client can act on. `code` is a key of STATUS; the class sets its default."""
+
+    code: str = "internal_error"
+    # HTTP headers the answer carries (WWW-Authenticate, Retry-After), if any.
+    headers: dict[str, str] | None = None
 
     def __init__(
-        self, code: str, message: str, status: int = 400, details: dict[str, Any] | None = None
+        self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None
     ) -> None:
         super().__init__(message)
-        self.code = code
         self.message = message
-        self.status = status
+        if code is not None:
+            self.code = code
         self.details = details
 
+    @property
+    def status(self) -> int:
+        return status_of(self.code)
 
+
+def status_of(code: str) -> int:
+    return STATUS.get(code, 500)
+
+
+# An absolute path, not part of a URL ("redis://host/0") or of a relative path.
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.:/~-])/(?:[^\s'\"`,;:()\[\]{}<>/]+/)*([^\s'\"`,;:()\[\]{}<>/]*)"
+)
+PUBLIC_MESSAGE_MAX_CHARS = 500
+
+
+def public_message(text: str) -> str:
+    """`text` fit for any API caller: absolute paths cut to their last part (".../x.tar.gz"),
+    one line, at most PUBLIC_MESSAGE_MAX_CHARS. The raw text belongs in the log."""
+    text = _ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}" if m.group(1) else "...", text)
+    text = " ".join(text.split())
+    if len(text) > PUBLIC_MESSAGE_MAX_CHARS:
+        text = text[: PUBLIC_MESSAGE_MAX_CHARS - 3] + "..."
+    return text
+
+
+# ----------------------------------------------------------------------------- requests
+class RequestInvalid(DomainError):
+    """The request is malformed in a way the schema cannot express (422 validation_error)."""
+
+    code = "validation_error"
+
+
+class UnsupportedMediaType(DomainError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(DomainError):
+    code = "too_large"
+
+
+class InputError(DomainError, ValueError):
+    """Prediction input the client can fix; `code` says which rule it broke (bad_shape, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+
+
+# ----------------------------------------------------------------------------- jobs
+class JobNotFound(DomainError):
+    code = "job_not_found"
+
+
+class EvaluationNotFound(DomainError):
+    """The job exists but has no test-set evaluation yet."""
+
+    code = "no_evaluation"
+
+
+class HistoryNotFound(DomainError):
+    """The job exists but has not finished an epoch yet."""
+
+    code = "no_history"
+
+
+class IdempotencyConflict(DomainError):
+    """An Idempotency-Key was reused with different parameters."""
+
+    code = "idempotency_key_reused"
+
+
+class InvalidTransition(DomainError):
+    """A status change the state machine (app.states.ALLOWED) does not allow.
+
+    `job_terminal` when the job already finished (nothing can change it any more),
+    `invalid_transition` for any other refused change.
+    """
+
+    def __init__(self, current: JobStatus, target: JobStatus) -> None:
+        from app.states import is_terminal
+
+        self.current = current
+        self.target = target
+        if is_terminal(current):
+            super().__init__(
+                f"the job is already {current} and can no longer change", code="job_terminal"
+            )
+        else:
+            super().__init__(
+                f"job is '{current}', it cannot become '{target}'", code="invalid_transition"
+            )
+
+
+# ----------------------------------------------------------------------------- models
+class UnknownNet(DomainError):
+    code = "unknown_net"
+
+
+class ModelNotFound(DomainError, LookupError):
+    """No registered name, version or alias matches the request."""
+
+    code = "model_not_found"
+
+
+class ArtifactMissing(DomainError):
+    """A registered version whose artifact file is gone from the store."""
+
+    code = "artifact_missing"
+
+
+class ModelArtifactError(DomainError, RuntimeError):
+    """The registered artifact cannot be served (missing, unreadable, or not a CIFAR-10 model)."""
+
+    code = "model_unavailable"
+
+
+class ModelIntegrityError(ModelArtifactError):
+    """The artifact's sha256 differs from the registered one: the file is never loaded."""
+
+
+class ModelUnavailable(DomainError):
+    """A model version is registered but cannot be served now (see ModelArtifactError)."""
+
+    code = "model_unavailable"
+
+
+# ----------------------------------------------------------------------------- service
+class DatabaseUnavailable(DomainError):
+    code = "database_unavailable"
+
+
+# ----------------------------------------------------------------------------- access
+class HostNotAllowed(DomainError):
+    """The Host header names no host of ALLOWED_HOSTS (DNS rebinding)."""
+
+    code = "host_not_allowed"
+
+
+class Unauthorized(DomainError):
+    """No API key, an unknown or revoked one, or no bearer header on a state change."""
+
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(DomainError):
+    """A valid key without the scope, or another key's job or model name."""
+
+    code = "forbidden"
+
+
+class KeyNotFound(DomainError):
+    code = "key_not_found"
+
+
+class KeyNameTaken(DomainError):
+    code = "key_name_taken"
+
+
+class KeyInUse(DomainError):
+    """An admin key asked to revoke itself over the API."""
+
+    code = "key_in_use"
+
+
+class JobTooLarge(DomainError):
+    """Past JOB_MAX_EPOCHS, JOB_MAX_BATCH_SIZE or JOB_MAX_IMAGE_EPOCHS."""
+
+    code = "job_too_large"
+
+
+class QuotaExceeded(DomainError):
+    """The key has MAX_ACTIVE_JOBS_PER_KEY queued-or-running jobs."""
+
+    code = "quota_exceeded"
+
+
+class RateLimited(DomainError):
+    """The key's /predict token bucket is empty; Retry-After says when to come back."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+# ----------------------------------------------------------------------------- rendering
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
@@ -52,6 +301,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[st
 
 # FastAPI's detail when the body cannot even be decoded (e.g. not UTF-8).
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
+# Starlette's own HTTP errors (unknown route, wrong method, ...) by status.
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -60,7 +310,7 @@ _HTTP_CODES = {
 }
 
 
-def allowed_methods(request: Request) -> list[str]:
+def allowed_methods(request: Any) -> list[str]:
     """Every method some route serves at this path (Starlette's 405 names only the first
     route that matched the path, e.g. `Allow: POST` for /jobs although GET exists too)."""
     from starlette.routing import Match
@@ -84,23 +334,37 @@ def allowed_methods(request: Request) -> list[str]:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error through error_body so clients see one shape."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from sqlalchemy.exc import OperationalError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    @app.exception_handler(AppError)
-    async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        headers = None
-        if isinstance(exc, Unauthorized):
-            headers = {"WWW-Authenticate": "Bearer"}
-        elif isinstance(exc, RateLimited):
-            headers = {"Retry-After": str(exc.retry_after)}
+    def render(
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
         return JSONResponse(
-            error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=headers
+            error_body(code, message, details), status_code=status_of(code), headers=headers
         )
+
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        return render(exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, fields = _describe_validation(exc)
-        return JSONResponse(
-            error_body("validation_error", message, {"fields": fields}), status_code=422
+        return render("validation_error", message, {"fields": fields})
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        # Connection refused, server gone, SQLite locked: worth a retry, not a 500.
+        log.warning("database error: %s", exc.orig)
+        return render(
+            "database_unavailable", f"the database does not answer ({type(exc.orig).__name__})"
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -109,10 +373,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = exc.headers
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
             # Bytes that are not UTF-8 JSON: the same 422 as any other malformed JSON.
-            return JSONResponse(
-                error_body("validation_error", "body: the body is not valid UTF-8 JSON"),
-                status_code=422,
-            )
+            return render("validation_error", "body: the body is not valid UTF-8 JSON")
         if exc.status_code == 405:
             headers = {"Allow": ", ".join(allowed_methods(request))}
         return JSONResponse(
@@ -123,50 +384,4 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The detail goes to the log only; the client learns the exception's type.
         log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(
-            error_body("internal_error", f"unexpected server error ({type(exc).__name__})"),
-            status_code=500,
-        )
-
-
-# Access control and quotas (app.auth, app.api.deps). Converted to DomainError subclasses
-# once the one-table error model lands.
-class Unauthorized(AppError):
-    def __init__(self, message: str) -> None:
-        super().__init__("unauthorized", message, 401)
-
-
-class Forbidden(AppError):
-    def __init__(self, message: str) -> None:
-        super().__init__("forbidden", message, 403)
-
-
-class KeyNotFound(AppError):
-    def __init__(self, message: str) -> None:
-        super().__init__("key_not_found", message, 404)
-
-
-class KeyNameTaken(AppError):
-    def __init__(self, message: str) -> None:
-        super().__init__("key_name_taken", message, 409)
-
-
-class JobTooLarge(AppError):
-    def __init__(self, message: str) -> None:
-        super().__init__("job_too_large", message, 422)
-
-
-class KeyInUse(AppError):
-    def __init__(self, message: str) -> None:
-        super().__init__("key_in_use", message, 409)
-
-
-class QuotaExceeded(AppError):
-    def __init__(self, message: str) -> None:
-        super().__init__("quota_exceeded", message, 429)
-
-
-class RateLimited(AppError):
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__("rate_limited", message, 429)
-        self.retry_after = retry_after
+        return render("internal_error", f"unexpected server error ({type(exc).__name__})")

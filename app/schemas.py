@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from app.errors import public_message
 from app.ml.nets import NETS
 from app.ml.params import Optimizer, default
 from app.ml.params import Precision as PrecisionChoice
@@ -200,7 +201,8 @@ class JobPublic(BaseModel):
             worker=job.worker,
             device=job.device,
             attempts=job.attempts,
-            error=job.error,
+            # Rows written before messages were cleaned may hold paths: clean them here too.
+            error=public_message(job.error) if job.error else None,
             cancel_requested=job.cancel_requested,
             evaluation=(
                 EvaluationSummary.model_validate(job.evaluation) if job.evaluation else None

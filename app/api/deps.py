@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import AUTH_OFF, Principal, anonymous, authenticate
 from app.config import Settings
-from app.errors import AppError, Forbidden, Unauthorized
+from app.errors import Forbidden, Unauthorized, UnsupportedMediaType
 from app.quotas import RateLimiter
 
 
@@ -41,11 +41,9 @@ def require_json(request: Request) -> None:
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
-        raise AppError(
-            "unsupported_media_type",
+        raise UnsupportedMediaType(
             f"the request body must be JSON sent with Content-Type: application/json "
-            f"(got {media[:100] or 'no content type'})",
-            415,
+            f"(got {media[:100] or 'no content type'})"
         )
 
 

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.errors import error_body
+from app.errors import error_body, status_of
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+async def _send_error(send: Send, code: str, message: str) -> None:
     body = orjson.dumps(error_body(code, message))
+    status = status_of(code)
     await send(
         {
             "type": "http.response.start",
@@ -69,7 +70,6 @@ class HostAllowList:
             log.warning("refused a request for host %r (not in ALLOWED_HOSTS)", host[:100])
             await _send_error(
                 send,
-                400,
                 "host_not_allowed",
                 "this service does not answer for the Host header sent; "
                 "the operator can add the name to ALLOWED_HOSTS",
@@ -101,7 +101,7 @@ class BodyLimit:
         message = f"the request body is larger than this route accepts ({limit:,} bytes, {setting})"
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_error(send, 413, "too_large", message)
+            await _send_error(send, "too_large", message)
             return
         received = 0
 
@@ -113,7 +113,7 @@ class BodyLimit:
                 if received > limit:
                     # Raised inside the route's body parsing; FastAPI lets HTTPException
                     # through and the app's handler renders the error body.
-                    raise HTTPException(413, message)
+                    raise HTTPException(status_of("too_large"), message)
             return msg
 
         await self.app(scope, counted, send)

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select, text
 
+from app.jobs.queue import TRAIN_TASK
 from app.ml.nets import CLASS_NAMES, NETS
 from app.models import Evaluation, Job
-from worker.celery_app import TRAIN_TASK
 
 SEED_DEFAULTS = {
     "epochs": 20,
@@ -149,7 +149,8 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
         waiting = 0
         while waiting == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-            # pg_stat_activity is a snapshot per transaction: take a fresh one each time.
+            # pg_stat_activity is read once per transaction and then cached: drop the cache,
+            # or a first look taken before the API connected is all this loop ever sees.
             holder.execute(text("SELECT pg_stat_clear_snapshot()"))
             waiting = holder.execute(
                 text(

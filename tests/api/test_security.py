@@ -268,3 +268,25 @@ def test_an_idempotency_key_is_never_replayed_for_another_key(client, api_key, e
     expect_error(
         client.post("/jobs", json=body, headers={**headers, **other}), 409, "idempotency_key_reused"
     )
+
+
+# ----------------------------------------------------------------------------- messages
+def test_a_jobs_error_never_shows_absolute_paths(client, make_job):
+    raw = 'could not load /srv/secret/data/cifar-10.tar.gz: File "/usr/lib/x.py", line 3'
+    job = make_job("failed", error=raw)
+    shown = client.get(f"/jobs/{job.id}").json()["error"]
+    assert "/srv" not in shown and "/usr" not in shown
+    assert "cifar-10.tar.gz" in shown  # what the user can still act on
+
+
+def test_unexpected_training_failures_keep_their_text_in_the_log():
+    from types import SimpleNamespace
+
+    from app.jobs.runner import failure_message
+
+    class Weird(Exception):
+        pass
+
+    job = SimpleNamespace(batch_size=32)
+    message = failure_message(Weird("tensor at /home/u/x.npy: shape (3, 4)"), job, None, "CPU")  # type: ignore[arg-type]
+    assert message == "training failed with Weird; the worker's log has the details"

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .live import LiveApi
 
-RSS_BOUND = 96 * 1024 * 1024
+RSS_BOUND = 64 * 1024 * 1024
 MB = 1024 * 1024
 PIXELS = [[[0, 0, 0]] * 32] * 32
 
@@ -63,6 +63,8 @@ class Hostile:
     raw: tuple[str, int, bytes] | None = None  # (content type, declared length, first bytes)
     auth: bool = True
     setup: Callable[[httpx.Client], str] | None = field(default=None, hash=False)
+    # Not yet answered as the issue asks: the work item that will (the row is skipped).
+    pending: str = ""
 
 
 def _queued_job(http: httpx.Client) -> str:
@@ -81,14 +83,16 @@ def _multipart(
 
 
 BIG_PNG = png(4096, 4096)
+SERVING = "issue 10 (serving): Pillow's DecompressionBombError answers 422"
+SERVING_RESOLVE = "issue 10 (serving): the model is resolved before any image is decoded"
 TABLE = [
     Hostile("anonymous job under an existing model name", "POST", "/jobs", (401,), {"json": {"net": "net1", "model_name": "tiny", "epochs": 1, "train_limit": 10}}, auth=False),
     Hostile("40 MB JSON body to /predict, declared", "POST", "/predict", (413,), raw=("application/json", 40 * MB, b'{"model": "tiny", "instances": [' + b"0," * 30000)),
     Hostile("100 MB multipart upload, declared", "POST", "/predict/image", (413,), raw=("multipart/form-data; boundary=x", 100 * MB, b"--x\r\n" + b"a" * 60000)),
     Hostile("1 MB JSON body to /jobs", "POST", "/jobs", (413,), raw=("application/json", MB, b'{"net": "' + b"a" * 60000)),
-    Hostile("eight 4096x4096 PNGs, resize, unknown model", "POST", "/predict", (404,), {"json": {"model": "no-such-model", "resize": True, "images": [{"b64": b64(BIG_PNG)}] * 8}}),
-    Hostile("69-byte PNG claiming 20000x20000, resize", "POST", "/predict", (422,), {"json": {"model": "tiny", "resize": True, "images": [{"b64": b64(lying_png())}]}}),
-    Hostile("PNG claiming 20000x20000 as an upload", "POST", "/predict/image", (422,), _multipart("tiny", "bomb.png", lying_png())),
+    Hostile("eight 4096x4096 PNGs, resize, unknown model", "POST", "/predict", (404,), {"json": {"model": "no-such-model", "resize": True, "images": [{"b64": b64(BIG_PNG)}] * 8}}, pending=SERVING_RESOLVE),
+    Hostile("69-byte PNG claiming 20000x20000, resize", "POST", "/predict", (422,), {"json": {"model": "tiny", "resize": True, "images": [{"b64": b64(lying_png())}]}}, pending=SERVING),
+    Hostile("PNG claiming 20000x20000 as an upload", "POST", "/predict/image", (422,), _multipart("tiny", "bomb.png", lying_png()), pending=SERVING),
     Hostile("a 4096x4096 image without resize", "POST", "/predict", (422,), {"json": {"model": "tiny", "images": [{"b64": b64(BIG_PNG)}]}}),
     Hostile("offset=10**20", "GET", "/jobs?offset=100000000000000000000", (422,)),
     Hostile("limit=10**20", "GET", "/jobs?limit=100000000000000000000", (422,)),
@@ -159,12 +163,16 @@ def _send_raw(live: LiveApi, case: Hostile) -> tuple[int, dict[str, Any]]:
 
 
 def test_hostile_requests_answer_4xx_and_memory_stays_bounded(live_api: LiveApi) -> None:
-    assert len(TABLE) >= 25 and len({case.name for case in TABLE}) == len(TABLE)
+    assert len({case.name for case in TABLE}) == len(TABLE)
+    active = [case for case in TABLE if not case.pending]
+    assert len(active) >= 25
     failures = []
     with httpx.Client(base_url=live_api.url, timeout=60) as http:
         admin = httpx.Client(base_url=live_api.url, timeout=60, headers=live_api.headers())
         before = live_api.rss_bytes()
-        for case in TABLE:
+        growth: list[tuple[int, str]] = []
+        for case in active:
+            rss = live_api.rss_bytes()
             if case.raw is not None:
                 status, body = _send_raw(live_api, case)
             else:
@@ -194,6 +202,7 @@ def test_hostile_requests_answer_4xx_and_memory_stays_bounded(live_api: LiveApi)
             if "Traceback" in message or "/work/" in message or "/tmp/" in message:
                 failures.append(f"{case.name}: leaks {message[:300]}")
             assert admin.get("/health").status_code == 200, f"no longer serving after {case.name}"
+            growth.append((live_api.rss_bytes() - rss, case.name))
         after = live_api.rss_bytes()
         # Still serving real work afterwards.
         answer = admin.post("/predict", json={"model": "tiny", "instances": [PIXELS]})
@@ -201,7 +210,7 @@ def test_hostile_requests_answer_4xx_and_memory_stays_bounded(live_api: LiveApi)
         admin.close()
     assert not failures, "\n".join(failures)
     grown = after - before
+    print(f"{len(active)} hostile requests ({len(TABLE) - len(active)} pending)")
     print(f"resident memory before {before / MB:.0f} MiB, after {after / MB:.0f} MiB")
-    assert grown < RSS_BOUND, (
-        f"resident memory grew by {grown / MB:.0f} MiB ({len(TABLE)} requests)"
-    )
+    worst = ", ".join(f"{name} +{size / MB:.0f} MiB" for size, name in sorted(growth)[-3:])
+    assert grown < RSS_BOUND, f"resident memory grew by {grown / MB:.0f} MiB; most: {worst}"
