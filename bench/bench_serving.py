@@ -381,6 +381,9 @@ def main() -> int:
     env = {
         **os.environ,
         "STATE_DIR": str(state),
+        # Throughput, not access control, is measured here: no keys, no rate limit.
+        "AUTH": "off",
+        "PREDICT_RATE_PER_S": "0",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONPATH": str(ROOT),
     }
