@@ -68,6 +68,7 @@ STATUS: dict[str, int] = {
     "key_name_taken": 409,
     "key_in_use": 409,
     "rate_limited": 429,
+    "overloaded": 503,
     "internal_error": 500,
 }
 
@@ -78,7 +79,7 @@ class DomainError(Exception):
     """An error a client can act on. `code` is a key of STATUS; the class sets its default."""
 
     code: str = "internal_error"
-    # HTTP headers the answer carries (WWW-Authenticate, Retry-After), if any.
+    # Extra response headers (e.g. Retry-After); None for most errors.
     headers: dict[str, str] | None = None
 
     def __init__(
@@ -276,6 +277,13 @@ class RateLimited(DomainError):
         super().__init__(message)
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class Overloaded(DomainError):
+    """More /predict requests in flight than PREDICT_MAX_PENDING (503 with Retry-After)."""
+
+    code = "overloaded"
+    headers = {"Retry-After": "1"}
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -19,6 +19,7 @@ from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
 from app.quotas import RateLimiter
+from app.serving.service import PredictionService
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     sessions = session_factory(settings)
+    prediction = PredictionService(settings, sessions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API up, database backend %s", sessions.kw["bind"].dialect.name)
         warn_open_access(settings)
+        await prediction.start()
         yield
+        await prediction.stop()
         # Return pooled connections now rather than at interpreter exit.
         sessions.kw["bind"].dispose()
 
@@ -128,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessionmaker = sessions
     app.state.predict_limiter = RateLimiter(settings.PREDICT_RATE_PER_S, settings.PREDICT_BURST)
+    app.state.prediction = prediction
     install_error_handlers(app)
     install_limits(app, settings)
     _document_security(app, settings)
