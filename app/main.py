@@ -60,6 +60,25 @@ _GUARD_RESPONSES = {
 }
 
 
+def _no_null_form_fields(schema: dict[str, Any]) -> None:
+    """A multipart form field is text or absent, never JSON null: drop the `null` branch
+    FastAPI documents for optional form fields (a fuzzer would send the string "null")."""
+    components = schema.get("components", {}).get("schemas", {})
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            content = operation.get("requestBody", {}).get("content", {})
+            ref = content.get("multipart/form-data", {}).get("schema", {}).get("$ref", "")
+            form = components.get(ref.rsplit("/", 1)[-1], {}) if ref else {}
+            if {"version", "alias"} <= set(form.get("properties", {})):
+                form["not"] = {"required": ["version", "alias"]}  # either, never both
+            for field in form.get("properties", {}).values():
+                options = field.get("anyOf")
+                if options and {"type": "null"} in options:
+                    kept = [o for o in options if o != {"type": "null"}]
+                    field.pop("anyOf")
+                    field.update(kept[0] if len(kept) == 1 else {"anyOf": kept})
+
+
 def _document_security(app: FastAPI, settings: Settings) -> None:
     """Complete the OpenAPI document with what the guards answer, so that every status the
     service sends is documented: 401/403 on every secured operation, 413 where a body is
@@ -89,6 +108,7 @@ def _document_security(app: FastAPI, settings: Settings) -> None:
                     # {"detail": [...]} for 422, which this service never sends).
                     if status.isdigit() and int(status) >= 400:
                         response["content"] = error_content
+        _no_null_form_fields(schema)
         fields = components.get("JobCreate", {}).get("properties", {})
         for name, bound in (
             ("epochs", settings.JOB_MAX_EPOCHS),

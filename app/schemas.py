@@ -471,8 +471,21 @@ class TensorInput(BaseModel):
 class PredictBody(PredictOptions):
     """The documented JSON body (OpenAPI only: app.serving.inputs parses it by hand).
 
-    Exactly one of `instances`, `images` or `tensor`.
+    Exactly one of `instances`, `images` or `tensor`; `version` or `alias`, not both. Both
+    rules are in the schema (oneOf, not), so a request the schema allows is one we accept.
     """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["instances"]},
+                {"required": ["images"]},
+                {"required": ["tensor"]},
+            ],
+            "not": {"required": ["version", "alias"]},
+        },
+    )
 
     instances: list[list[list[list[float]]]] | None = Field(
         default=None, description="Images as (N, 32, 32, 3) nested lists of pixel values 0-255."
