@@ -60,7 +60,10 @@ def test_schemathesis_finds_nothing(live_api: LiveApi, tmp_path: Path) -> None:
         "--report-dir",
         str(tmp_path),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=MAX_TIME_S + 120)
+    # In tmp_path: schemathesis keeps a cache folder (.schemathesis/) in its working directory.
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=MAX_TIME_S + 120, cwd=tmp_path
+    )
     output = result.stdout + result.stderr
     summary = output[output.rfind("SUMMARY") :] if "SUMMARY" in output else output[-3000:]
     print(summary)
