@@ -290,3 +290,22 @@ def test_unexpected_training_failures_keep_their_text_in_the_log():
     job = SimpleNamespace(batch_size=32)
     message = failure_message(Weird("tensor at /home/u/x.npy: shape (3, 4)"), job, None, "CPU")  # type: ignore[arg-type]
     assert message == "training failed with Weird; the worker's log has the details"
+
+
+def test_the_schema_states_the_rules_the_service_enforces(client):
+    """Schemathesis' findings of the issue: what the schema allows is accepted."""
+    spec = client.get("/openapi.json").json()
+    predict = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    body = predict["schema"]
+    assert body["not"] == {"required": ["version", "alias"]}
+    assert [rule["required"] for rule in body["oneOf"]] == [["instances"], ["images"], ["tensor"]]
+    form = spec["components"]["schemas"]["Body_predict_image_predict_image_post"]
+    assert form["not"] == {"required": ["version", "alias"]}
+    assert "pattern" in form["properties"]["model"]
+    assert all("null" not in str(field) for field in form["properties"].values())
+    job = spec["components"]["schemas"]["JobCreate"]["properties"]
+    assert set(job["net"]["enum"]) >= {"net1", "net2", "net3"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if operation.get("security"):
+                assert {"401", "403"} <= set(operation["responses"]), (method, path)
