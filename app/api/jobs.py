@@ -15,13 +15,11 @@ from app.errors import HistoryNotFound
 from app.jobs import queue
 from app.jobs import service as job_service
 from app.ml.analysis import analyse
-from app.ml.nets import CLASS_NAMES
 from app.schemas import (
     INT32_MAX,
     AnalysisPublic,
     EpochPublic,
     EvaluationPublic,
-    FirstImage,
     HistoryCurves,
     HistoryPublic,
     JobCreate,
@@ -82,7 +80,7 @@ def submit_job(
     elif not created:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{job.id}"
-    return JobPublic.from_job(job_service.get_job(session, job.id))
+    return JobPublic.model_validate(job_service.get_job(session, job.id))
 
 
 @router.get("", response_model=JobList)
@@ -100,13 +98,16 @@ def list_jobs(
         session, status=status, net=net, owner_id=owner, limit=limit, offset=offset
     )
     return JobList(
-        jobs=[JobPublic.from_job(job) for job in rows], total=total, limit=limit, offset=offset
+        jobs=[JobPublic.model_validate(job) for job in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: uuid.UUID, session: SessionDep, principal: JobReader) -> JobPublic:
-    return JobPublic.from_job(_readable_job(session, principal, job_id))
+    return JobPublic.model_validate(_readable_job(session, principal, job_id))
 
 
 def _readable_job(session: Session, principal: Principal, job_id: uuid.UUID) -> Any:
@@ -172,17 +173,7 @@ def job_evaluation(
     job_id: uuid.UUID, session: SessionDep, principal: JobReader
 ) -> EvaluationPublic:
     _readable_job(session, principal, job_id)
-    evaluation = job_service.get_evaluation(session, job_id)
-    return EvaluationPublic(
-        job_id=evaluation.job_id,
-        test_loss=evaluation.test_loss,
-        test_accuracy=evaluation.test_accuracy,
-        first_image=FirstImage.model_validate(evaluation.first_image),
-        per_class_accuracy=evaluation.per_class_accuracy,
-        confusion_matrix=evaluation.confusion_matrix,
-        classes=list(CLASS_NAMES),
-        created_at=evaluation.created_at,
-    )
+    return EvaluationPublic.model_validate(job_service.get_evaluation(session, job_id))
 
 
 @router.post(
@@ -197,4 +188,4 @@ def job_evaluation(
 def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: TrainPrincipal) -> JobPublic:
     """Queued jobs are cancelled at once; a running job stops at its next batch."""
     auth.check_job_access(principal, job_service.get_job(session, job_id), write=True)
-    return JobPublic.from_job(job_service.cancel_job(session, job_id))
+    return JobPublic.model_validate(job_service.cancel_job(session, job_id))
