@@ -1,7 +1,7 @@
 """API keys, job owners and model-name owners
 
 Revision ID: 0003_api_keys
-Revises: 0001
+Revises: 0004_claim_counter
 Create Date: 2026-11-27
 
 Names that already have versions or jobs are given to the administrators (owner_id NULL),
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003_api_keys"
-down_revision: str | Sequence[str] | None = "0001"
+down_revision: str | Sequence[str] | None = "0004_claim_counter"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
