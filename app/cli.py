@@ -7,6 +7,8 @@ cnn predict MODEL.keras IMAGE ten class probabilities
 cnn serve [--host H --port P] API + worker (embedded default without servers)
 cnn worker                    one Celery training worker (one per GPU)
 cnn migrate                   apply the Alembic migrations to DATABASE_URL
+cnn keys create --name N --scope read,predict   a new API key (printed once)
+cnn keys list | cnn keys revoke ID_OR_NAME
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from app.config import get_settings
 from app.ml.params import OPTIMIZERS, PRECISIONS, default
@@ -152,6 +155,66 @@ def _cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from app.db import session_factory
+    from app.migrate import upgrade
+
+    settings = get_settings()
+    settings.STATE_DIR.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    from app.errors import DomainError
+
+    with session_factory(settings)() as session:
+        try:
+            return _keys(session, args)
+        except DomainError as exc:
+            print(f"cnn keys: error: {exc.message}", file=sys.stderr)
+            return 2
+
+
+def _keys(session: Any, args: argparse.Namespace) -> int:
+    from app import auth
+
+    if args.keys_command == "create":
+        created = auth.create_key(session, args.name, args.scope)
+        row = created.row
+        if args.json:
+            print(json.dumps({**_key_dict(row), "key": created.key}))
+        else:
+            print(created.key)
+            print(
+                f"key {row.id} {row.name!r} with scopes {row.scopes.replace(' ', ',')}; "
+                "this is the only time it is shown",
+                file=sys.stderr,
+            )
+    elif args.keys_command == "list":
+        rows = auth.list_keys(session)
+        if args.json:
+            print(json.dumps([_key_dict(row) for row in rows]))
+            return 0
+        print(f"{'id':>4}  {'name':<24} {'prefix':<13} {'scopes':<24} {'last used':<19}  revoked")
+        for row in rows:
+            print(
+                f"{row.id:>4}  {row.name:<24} {row.prefix + '...':<13} "
+                f"{row.scopes.replace(' ', ','):<24} {_when(row.last_used_at) or 'never':<19}  "
+                f"{_when(row.revoked_at)}"
+            )
+    else:
+        row = auth.revoke_key(session, args.key)
+        print(f"key {row.id} {row.name!r} revoked")
+    return 0
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
+
+
+def _key_dict(row: object) -> dict[str, object]:
+    from app.schemas import ApiKeyPublic
+
+    return ApiKeyPublic.from_row(row).model_dump(mode="json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=int, default=None, help="own this GPU (sets CUDA_VISIBLE_DEVICES)")
     p.set_defaults(func=_cmd_worker)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("keys", help="create, list and revoke API keys")
+    p.set_defaults(func=_cmd_keys)
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create", help="create a key and print it (once)")
+    k.add_argument("--name", required=True, help="a unique name for the key's holder")
+    k.add_argument("--scope", required=True, help="comma-separated: read, predict, train, admin")
+    k.add_argument("--json", action="store_true")
+    k = keys.add_parser("list", help="every key (never the key itself)")
+    k.add_argument("--json", action="store_true")
+    k = keys.add_parser("revoke", help="revoke a key at once")
+    k.add_argument("key", help="the key's id or name")
     return parser
 
 

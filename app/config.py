@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -86,6 +87,34 @@ class Settings(BaseSettings):
     API_HOST: str = "127.0.0.1"
     API_PORT: int = 8000
 
+    # Access control (docs/security.md). AUTH=off lets every request act as an admin.
+    AUTH: Literal["on", "off"] = "on"
+    # Open reads (jobs, models, nets, summary) or /predict to callers without a key.
+    ANONYMOUS_READ: bool = False
+    ANONYMOUS_PREDICT: bool = False
+    # Where `cnn serve` writes the admin key on first start. Empty means STATE_DIR/admin.key.
+    ADMIN_KEY_FILE: Path | None = None
+    # Host header values served, comma-separated, ports ignored; "*" serves any (only behind
+    # a proxy that checks it). Loopback names by default: DNS rebinding cannot reach us.
+    ALLOWED_HOSTS: str = "localhost,127.0.0.1,::1"
+
+    # Request bodies, enforced while they are read (413 past them).
+    MAX_JSON_BODY_BYTES: int = Field(default=64 * 1024, ge=1024, le=2**30)
+    PREDICT_MAX_BODY_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024, le=2**30)
+    UPLOAD_MAX_FILE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=2**30)
+
+    # Quotas: queued-or-running jobs per key, and /predict requests per second per key
+    # (token bucket of PREDICT_BURST requests; PREDICT_RATE_PER_S=0 turns the limit off).
+    MAX_ACTIVE_JOBS_PER_KEY: int = Field(default=4, ge=1)
+    PREDICT_RATE_PER_S: float = Field(default=50.0, ge=0)
+    PREDICT_BURST: int = Field(default=100, ge=1)
+
+    # Job size: one job must not hold a worker for days or exhaust its memory.
+    JOB_MAX_EPOCHS: int = Field(default=200, ge=1)
+    JOB_MAX_BATCH_SIZE: int = Field(default=2048, ge=1)
+    # epochs x training images (50,000 for all of CIFAR-10): 200 full epochs by default.
+    JOB_MAX_IMAGE_EPOCHS: int = Field(default=10_000_000, ge=1)
+
     @property
     def database_url(self) -> str:
         """The configured URL, or the embedded SQLite file."""
@@ -104,6 +133,16 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return (self.STATE_DIR / "broker").resolve()
+
+    @property
+    def admin_key_file(self) -> Path:
+        return (self.ADMIN_KEY_FILE or self.STATE_DIR / "admin.key").resolve()
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        return frozenset(
+            h.strip().lower().strip("[]") for h in self.ALLOWED_HOSTS.split(",") if h.strip()
+        )
 
     @property
     def artifact_dir(self) -> Path:

@@ -14,6 +14,7 @@ code with its status and when it is sent.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ STATUS: dict[str, int] = {
     "too_many_instances": 413,
     "unsupported_media_type": 415,
     "validation_error": 422,
+    "host_not_allowed": 400,
     # prediction input (InputError)
     "empty_batch": 422,
     "bad_shape": 422,
@@ -49,7 +51,9 @@ STATUS: dict[str, int] = {
     "job_not_found": 404,
     "no_evaluation": 404,
     "no_history": 404,
-    "idempotency_key_reused": 422,
+    "idempotency_key_reused": 409,
+    "job_too_large": 422,
+    "quota_exceeded": 429,
     "job_terminal": 409,
     "invalid_transition": 409,
     # nets, models and artifacts
@@ -59,9 +63,16 @@ STATUS: dict[str, int] = {
     "model_unavailable": 503,
     # the service
     "database_unavailable": 503,
+    # API keys and limits
+    "key_not_found": 404,
+    "key_name_taken": 409,
+    "key_in_use": 409,
+    "rate_limited": 429,
     "overloaded": 503,
     "internal_error": 500,
 }
+
+log = logging.getLogger(__name__)
 
 
 class DomainError(Exception):
@@ -92,6 +103,23 @@ class DomainError(Exception):
 
 def status_of(code: str) -> int:
     return STATUS.get(code, 500)
+
+
+# An absolute path, not part of a URL ("redis://host/0") or of a relative path.
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.:/~-])/(?:[^\s'\"`,;:()\[\]{}<>/]+/)*([^\s'\"`,;:()\[\]{}<>/]*)"
+)
+PUBLIC_MESSAGE_MAX_CHARS = 500
+
+
+def public_message(text: str) -> str:
+    """`text` fit for any API caller: absolute paths cut to their last part (".../x.tar.gz"),
+    one line, at most PUBLIC_MESSAGE_MAX_CHARS. The raw text belongs in the log."""
+    text = _ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}" if m.group(1) else "...", text)
+    text = " ".join(text.split())
+    if len(text) > PUBLIC_MESSAGE_MAX_CHARS:
+        text = text[: PUBLIC_MESSAGE_MAX_CHARS - 3] + "..."
+    return text
 
 
 # ----------------------------------------------------------------------------- requests
@@ -183,6 +211,50 @@ class DatabaseUnavailable(DomainError, code="database_unavailable"):
     """The database does not answer; worth a retry."""
 
 
+# ----------------------------------------------------------------------------- access
+class HostNotAllowed(DomainError, code="host_not_allowed"):
+    """The Host header names no host of ALLOWED_HOSTS (DNS rebinding)."""
+
+
+class Unauthorized(DomainError, code="unauthorized"):
+    """No API key, an unknown or revoked one, or no bearer header on a state change."""
+
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(DomainError, code="forbidden"):
+    """A valid key without the scope, or another key's job or model name."""
+
+
+class KeyNotFound(DomainError, code="key_not_found"):
+    """No API key with this id or name."""
+
+
+class KeyNameTaken(DomainError, code="key_name_taken"):
+    """Key names are unique."""
+
+
+class KeyInUse(DomainError, code="key_in_use"):
+    """An admin key asked to revoke itself over the API."""
+
+
+class JobTooLarge(DomainError, code="job_too_large"):
+    """Past JOB_MAX_EPOCHS, JOB_MAX_BATCH_SIZE or JOB_MAX_IMAGE_EPOCHS."""
+
+
+class QuotaExceeded(DomainError, code="quota_exceeded"):
+    """The key has MAX_ACTIVE_JOBS_PER_KEY queued-or-running jobs."""
+
+
+class RateLimited(DomainError, code="rate_limited"):
+    """The key's /predict token bucket is empty; Retry-After says when to come back."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class Overloaded(DomainError, code="overloaded"):
     """More /predict requests in flight than PREDICT_MAX_PENDING (503 with Retry-After)."""
 
@@ -210,8 +282,37 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[st
     return message, fields
 
 
+# FastAPI's detail when the body cannot even be decoded (e.g. not UTF-8).
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
 # Starlette's own HTTP errors (unknown route, wrong method, ...) by status.
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+def allowed_methods(request: Any) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first
+    route that matched the path, e.g. `Allow: POST` for /jobs although GET exists too)."""
+    from starlette.routing import Match
+
+    scope = {**request.scope, "method": "GET"}
+    methods: set[str] = set()
+
+    def walk(routes: Any) -> None:
+        for route in routes:
+            nested = getattr(route, "effective_candidates", None)  # FastAPI's included routers
+            if nested is not None:
+                walk(nested())
+                continue
+            route_methods = getattr(route, "methods", None)
+            if route_methods and route.matches(scope)[0] is not Match.NONE:
+                methods.update(route_methods)
+
+    walk(request.app.router.routes)
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -222,14 +323,19 @@ def install_error_handlers(app: FastAPI) -> None:
     from sqlalchemy.exc import OperationalError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    def render(code: str, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
-        return JSONResponse(error_body(code, message, details), status_code=status_of(code))
+    def render(
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
+        return JSONResponse(
+            error_body(code, message, details), status_code=status_of(code), headers=headers
+        )
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        response = render(exc.code, exc.message, exc.details)
-        response.headers.update(exc.headers or {})
-        return response
+        return render(exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -245,12 +351,20 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        headers = exc.headers
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+            # Bytes that are not UTF-8 JSON: the same 422 as any other malformed JSON.
+            return render("validation_error", "body: the body is not valid UTF-8 JSON")
+        if exc.status_code == 405:
+            headers = {"Allow": ", ".join(allowed_methods(request))}
         return JSONResponse(
-            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The detail goes to the log only; the client learns the exception's type.
+        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
         return render("internal_error", f"unexpected server error ({type(exc).__name__})")

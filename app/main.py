@@ -9,16 +9,118 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import health, jobs, models, nets, predict, summary
+from app.api import health, jobs, keys, models, nets, predict, summary
+from app.api.limits import install_limits
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
+from app.quotas import RateLimiter
 from app.serving.service import PredictionService
 
 log = logging.getLogger(__name__)
+
+
+def warn_open_access(settings: Settings) -> None:
+    """Say at every start when the service is open to callers without a key."""
+    if settings.AUTH == "off":
+        log.warning(
+            "AUTH=off: every request acts as an administrator; use this only on a machine "
+            "nobody else can reach"
+        )
+        return
+    opened = [name for name in ("ANONYMOUS_READ", "ANONYMOUS_PREDICT") if getattr(settings, name)]
+    if opened:
+        log.warning("%s: callers without an API key are served", " and ".join(opened))
+    if "*" in settings.allowed_hosts:
+        log.warning("ALLOWED_HOSTS=*: any Host header is served; check it in the proxy in front")
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "Stable symbolic code."},
+                "message": {"type": "string"},
+                "details": {"type": "object"},
+            },
+        }
+    },
+}
+_GUARD_RESPONSES = {
+    "401": "No API key, an unknown or revoked one (`unauthorized`).",
+    "403": "The key lacks the scope, or the job or model name is another key's (`forbidden`).",
+}
+
+
+def _no_null_form_fields(schema: dict[str, Any]) -> None:
+    """A multipart form field is text or absent, never JSON null: drop the `null` branch
+    FastAPI documents for optional form fields (a fuzzer would send the string "null")."""
+    components = schema.get("components", {}).get("schemas", {})
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            content = operation.get("requestBody", {}).get("content", {})
+            ref = content.get("multipart/form-data", {}).get("schema", {}).get("$ref", "")
+            form = components.get(ref.rsplit("/", 1)[-1], {}) if ref else {}
+            if {"version", "alias"} <= set(form.get("properties", {})):
+                form["not"] = {"required": ["version", "alias"]}  # either, never both
+            for field in form.get("properties", {}).values():
+                options = field.get("anyOf")
+                if options and {"type": "null"} in options:
+                    kept = [o for o in options if o != {"type": "null"}]
+                    field.pop("anyOf")
+                    field.update(kept[0] if len(kept) == 1 else {"anyOf": kept})
+
+
+def _document_security(app: FastAPI, settings: Settings) -> None:
+    """Complete the OpenAPI document with what the guards answer, so that every status the
+    service sends is documented: 401/403 on every secured operation, 413 where a body is
+    read, 429 on /predict, the common error body, and the job size bounds of `settings`
+    (a request the schema allows is one the service accepts)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Error"] = ERROR_SCHEMA
+        error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                extra = dict(_GUARD_RESPONSES) if operation.get("security") else {}
+                if "requestBody" in operation:
+                    extra["413"] = "The body is over its limit (`too_large`)."
+                if path.startswith("/predict"):
+                    extra["429"] = "Too many requests for this key (`rate_limited`, Retry-After)."
+                for status, text in extra.items():
+                    responses.setdefault(status, {"description": text})
+                for status, response in responses.items():
+                    # Every error answers the common body (FastAPI documents its own
+                    # {"detail": [...]} for 422, which this service never sends).
+                    if status.isdigit() and int(status) >= 400:
+                        response["content"] = error_content
+        _no_null_form_fields(schema)
+        fields = components.get("JobCreate", {}).get("properties", {})
+        for name, bound in (
+            ("epochs", settings.JOB_MAX_EPOCHS),
+            ("batch_size", settings.JOB_MAX_BATCH_SIZE),
+        ):
+            field = fields.get(name)
+            if field is not None and "maximum" in field:
+                field["maximum"] = min(field["maximum"], bound)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API up, database backend %s", sessions.kw["bind"].dialect.name)
+        warn_open_access(settings)
         await prediction.start()
         yield
         await prediction.stop()
@@ -48,8 +151,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
+    app.state.predict_limiter = RateLimiter(settings.PREDICT_RATE_PER_S, settings.PREDICT_BURST)
     app.state.prediction = prediction
     install_error_handlers(app)
+    install_limits(app, settings)
+    _document_security(app, settings)
     for router in (
         health.router,
         nets.router,
@@ -57,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         models.router,
         predict.router,
+        keys.router,
     ):
         app.include_router(router)
     return app

@@ -95,6 +95,10 @@ class Job(Base):
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", use_alter=True), nullable=True
     )
+    # The API key that submitted the job; NULL for jobs made with AUTH=off or before keys.
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), nullable=True, index=True
+    )
 
     epoch_rows: Mapped[list[EpochMetric]] = relationship(
         back_populates="job", order_by="EpochMetric.epoch", cascade="all, delete-orphan"
@@ -193,3 +197,37 @@ class ModelAlias(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+
+
+class ApiKey(Base):
+    """A caller of the API. Only the key's sha256 is stored; the key itself is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters of the key ("cnn_AbCd"), so a person can tell keys apart.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Space-separated subset of read, predict, train, admin.
+    scopes: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Revoked keys stay as rows: jobs and model names still name their owner.
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ModelOwner(Base):
+    """Who may register versions under a model name and move its aliases.
+
+    The first principal to submit a job under a name claims it. owner_id NULL means the
+    name belongs to the administrators (names claimed with AUTH=off or before keys existed).
+    """
+
+    __tablename__ = "model_owners"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

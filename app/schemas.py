@@ -22,13 +22,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from app.errors import public_message
 from app.ml.nets import CLASS_NAMES, NETS
 from app.ml.params import Optimizer, default
 from app.ml.params import Precision as PrecisionChoice
 from app.models import as_utc
 from app.states import JobStatus
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+# A name is a folder of the artifact store (models/<name>/<version>/): it starts with a
+# letter or digit, so ".", ".." and hidden names cannot step out of it.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 ALIAS_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 INT32_MAX = 2**31 - 1  # the jobs columns are 32-bit INTEGER on PostgreSQL
 
@@ -70,7 +73,9 @@ TrainLimit = Annotated[
 ModelName = Annotated[
     str | None,
     Field(pattern=MODEL_NAME_PATTERN),
-    _expected("null or 1-128 characters from A-Z, a-z, 0-9, '_', '.', '-'"),
+    _expected(
+        "null or 1-128 characters from A-Z, a-z, 0-9, '_', '.', '-', starting with a letter or digit"
+    ),
 ]
 
 
@@ -82,7 +87,10 @@ class JobCreate(BaseModel):
         json_schema_extra={"examples": [{"net": "net1", "epochs": 20, "batch_size": 128}]},
     )
 
-    net: str = Field(description="A registered architecture, see GET /nets.")
+    net: str = Field(
+        description="A registered architecture, see GET /nets.",
+        json_schema_extra={"enum": list(NETS)},
+    )
     epochs: Epochs = default("epochs")
     batch_size: BatchSize = default("batch_size")
     validation_split: ValidationSplit = default("validation_split")
@@ -171,6 +179,12 @@ class JobPublic(BaseModel):
     cancel_requested: bool
     evaluation: EvaluationSummary | None
     model_version: ModelVersionRef | None
+
+    @field_validator("error")
+    @classmethod
+    def _public_error(cls, value: str | None) -> str | None:
+        # Rows written before messages were cleaned may hold paths: clean them here too.
+        return public_message(value) if value else value
 
 
 class JobList(BaseModel):
@@ -345,6 +359,57 @@ class HealthPublic(BaseModel):
     version: str
 
 
+# ----------------------------------------------------------------------------- API keys
+Scope = Literal["read", "predict", "train", "admin"]
+
+
+class ApiKeyCreate(BaseModel):
+    """POST /keys: a unique name and at least one scope."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "dashboard", "scopes": ["read", "predict"]}]},
+    )
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.@-]{1,64}$",
+        description="1-64 characters from A-Z, a-z, 0-9, '_', '.', '@', '-'; unique.",
+    )
+    scopes: list[Scope] = Field(min_length=1, max_length=4)
+
+
+class ApiKeyPublic(BaseModel):
+    """A key as listed: never the key itself, only its first characters."""
+
+    id: int
+    name: str
+    prefix: str = Field(description="The key's first characters, to tell keys apart.")
+    scopes: list[Scope]
+    created_at: UtcDatetime
+    last_used_at: UtcDatetime | None
+    revoked_at: UtcDatetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> ApiKeyPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            prefix=row.prefix,
+            scopes=row.scopes.split(),
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+        )
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The key itself. Shown only in this answer: store it now.")
+
+
+class ApiKeyList(BaseModel):
+    keys: list[ApiKeyPublic]
+
+
 # ----------------------------------------------------------------------------- prediction
 # The pixel data is decoded and validated by app.serving.inputs (pydantic is too slow for
 # pixel arrays); these models document the bodies and validate the small fields.
@@ -388,8 +453,21 @@ class TensorInput(BaseModel):
 class PredictBody(PredictOptions):
     """The documented JSON body (OpenAPI only: app.serving.inputs parses it by hand).
 
-    Exactly one of `instances`, `images` or `tensor`.
+    Exactly one of `instances`, `images` or `tensor`; `version` or `alias`, not both. Both
+    rules are in the schema (oneOf, not), so a request the schema allows is one we accept.
     """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["instances"]},
+                {"required": ["images"]},
+                {"required": ["tensor"]},
+            ],
+            "not": {"required": ["version", "alias"]},
+        },
+    )
 
     instances: list[list[list[list[float]]]] | None = Field(
         default=None, description="Images as (N, 32, 32, 3) nested lists of pixel values 0-255."

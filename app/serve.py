@@ -269,6 +269,24 @@ class WorkerSupervisor(threading.Thread):
             self._terminate()
 
 
+def _bootstrap_admin_key(settings: Settings) -> None:
+    """First start: an admin key in ADMIN_KEY_FILE (0600), so the README's curl lines work."""
+    from app.auth import ensure_admin_key
+    from app.db import session_factory
+
+    if settings.AUTH == "off":
+        return
+    with session_factory(settings)() as session:
+        written = ensure_admin_key(session, settings.admin_key_file)
+    if written:
+        log.info(
+            "created an admin API key in %s (mode 0600); send it as 'Authorization: Bearer <key>'",
+            written,
+        )
+    elif settings.admin_key_file.exists():
+        log.info("admin API key: %s", settings.admin_key_file)
+
+
 def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
     """Run until SIGINT/SIGTERM; returns the exit code for `cnn serve`."""
     import uvicorn
@@ -280,6 +298,7 @@ def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings.STATE_DIR.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
+    _bootstrap_admin_key(settings)
     log.info(
         "database %s, broker %s",
         "embedded SQLite" if not settings.DATABASE_URL else "configured",

@@ -411,6 +411,8 @@ def main() -> int:
     env = {
         **os.environ,
         "STATE_DIR": str(state),
+        # Throughput, not access control, is measured here: no keys.
+        "AUTH": "off",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONPATH": str(ROOT),
         # No per-key rate limit: this measures capacity (a setting a version lacks is ignored).

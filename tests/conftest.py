@@ -12,7 +12,10 @@ Fixtures (all lazy: a test that uses none of them never touches PostgreSQL or Re
 - ``clean_db`` (function): empties every table (TRUNCATE ... RESTART IDENTITY) before the test.
 - ``db_session`` (function): an open Session on the emptied database.
 - ``client`` (function): fastapi.testclient.TestClient around create_app(settings), lifespan
-  running, on the emptied database.
+  running, on the emptied database, sending an admin API key (``client.admin_key``).
+- ``api_key`` (function): ``api_key("read,predict") -> str`` creates an API key.
+- ``client_for`` (function): ``with client_for(settings.model_copy(...)) as c:`` a client of
+  an app built on other settings, sending a new admin key.
 - ``make_job`` (function): ``make_job(status="queued", **columns) -> Job`` writes a job row
   straight through the ORM in any state (running/succeeded/... with plausible timestamps).
 - ``add_epochs`` (function): ``add_epochs(job_id, n, start=1) -> list[dict]`` writes n epoch
@@ -55,7 +58,15 @@ PG_HOST = "127.0.0.1"
 PG_PORT = 5432
 PG_USER = "postgres"
 REDIS_DB = 11
-TABLES = ("model_aliases", "evaluations", "epochs", "model_versions", "jobs")
+TABLES = (
+    "model_aliases",
+    "evaluations",
+    "epochs",
+    "model_versions",
+    "jobs",
+    "model_owners",
+    "api_keys",
+)
 
 
 def _admin() -> psycopg.Connection:
@@ -117,6 +128,12 @@ def settings(db_url: str, run_id: str, tmp_path_factory: pytest.TempPathFactory)
         TRAINING_QUEUE=f"training-{run_id}",
         MAINTENANCE_QUEUE=f"maintenance-{run_id}",
         STATE_DIR=tmp_path_factory.mktemp("state"),
+        # TestClient sends Host: testserver.
+        ALLOWED_HOSTS="localhost,127.0.0.1,::1,testserver",
+        # Quotas and rate limits have their own tests (tests/api/test_security.py); the
+        # other tests submit and predict as often as they need.
+        MAX_ACTIVE_JOBS_PER_KEY=10_000,
+        PREDICT_RATE_PER_S=0,
     )
     yield value
     import redis
@@ -148,13 +165,47 @@ def db_session(clean_db: None, session_factory: sessionmaker[Session]) -> Iterat
 
 
 @pytest.fixture
-def client(clean_db: None, settings: Any) -> Iterator[Any]:
+def api_key(clean_db: None, session_factory: sessionmaker[Session]) -> Callable[..., str]:
+    """``api_key("read,predict", name=None) -> str``: a new key with these scopes."""
+    from app import auth
+
+    def make(scopes: str | list[str] = "admin", name: str | None = None) -> str:
+        with session_factory() as session:
+            return auth.create_key(session, name or f"test-{uuid.uuid4().hex[:8]}", scopes).key
+
+    return make
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def client(api_key: Callable[..., str], settings: Any) -> Iterator[Any]:
+    """TestClient on create_app(settings) that sends an admin key (override per request
+    with headers={"Authorization": ...}; ``client.admin_key`` is the key)."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    with TestClient(create_app(settings)) as test_client:
+    key = api_key("admin", name="test-admin")
+    with TestClient(create_app(settings), headers=bearer(key)) as test_client:
+        test_client.admin_key = key  # type: ignore[attr-defined]
         yield test_client
+
+
+@pytest.fixture
+def client_for(api_key: Callable[..., str]) -> Callable[..., Any]:
+    """``with client_for(settings_variant) as c:`` a TestClient on create_app(variant) that
+    sends a new admin key (the variant must use the test database)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    def make(variant: Any, scopes: str = "admin") -> Any:
+        return TestClient(create_app(variant), headers=bearer(api_key(scopes)))
+
+    return make
 
 
 @pytest.fixture

@@ -135,3 +135,20 @@ def test_gpu_image_is_the_official_tensorflow_image_of_the_pinned_version():
 def test_dockerignore_keeps_local_state_out_of_the_image():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "var", ".git", ".env"} <= set(ignored)
+
+
+def _published(service: str) -> list[str]:
+    return [_interpolate(str(port)) for port in SERVICES[service].get("ports", [])]
+
+
+def test_api_and_flower_publish_on_loopback_only():
+    """Flower has no password: nothing but this machine may reach it (issue 8)."""
+    assert _published("flower") and all(p.startswith("127.0.0.1:") for p in _published("flower"))
+    # The API's bind address is a setting whose default is loopback.
+    (api,) = SERVICES["api"]["ports"]
+    assert api.startswith("${API_BIND:-127.0.0.1}:")
+
+
+def test_the_api_checks_the_host_header():
+    hosts = _interpolate(SERVICES["api"]["environment"]["ALLOWED_HOSTS"])
+    assert "*" not in hosts and "localhost" in hosts.split(",")

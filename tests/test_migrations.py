@@ -10,7 +10,23 @@ from sqlalchemy import create_engine, inspect, text
 from app.migrate import downgrade, upgrade
 from app.models import Base
 
-TABLES = {"jobs", "epochs", "evaluations", "model_versions", "model_aliases"}
+TABLES = {
+    "jobs",
+    "epochs",
+    "evaluations",
+    "model_versions",
+    "model_aliases",
+    "api_keys",
+    "model_owners",
+}
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from app.migrate import alembic_config
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
 def tables(url: str) -> set[str]:
@@ -50,10 +66,8 @@ def test_postgresql_upgrade_head_then_downgrade_base(empty_pg):
                 for table in TABLES
                 for fk in inspect(conn).get_foreign_keys(table)
             }
-            assert (
-                conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-                == "0004_claim_counter"
-            )
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            assert version == head_revision()
     finally:
         engine.dispose()
     # Both sides of the jobs <-> model_versions cycle exist.
@@ -94,3 +108,25 @@ def test_the_migrated_schema_enforces_the_models_constraints(tmp_path):
 
 def test_models_and_migrations_do_not_drift_on_the_shared_database(db_url):
     assert drift(db_url) == []
+
+
+def test_names_registered_before_keys_belong_to_the_administrators(tmp_path):
+    """0003_api_keys: no key can take over a model name that existed before keys did."""
+    url = f"sqlite:///{tmp_path / 'cnn.db'}"
+    upgrade(url, "0001")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO model_versions (name, version, net, artifact_path, sha256, "
+                    "size_bytes, metrics, created_at) VALUES ('net1', 1, 'net1', 'a', 'x', 1, "
+                    "'{}', CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade(url, "0003_api_keys")
+        with engine.connect() as conn:
+            owners = conn.execute(text("SELECT name, owner_id FROM model_owners")).all()
+    finally:
+        engine.dispose()
+    assert owners == [("net1", None)]

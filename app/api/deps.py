@@ -6,14 +6,17 @@ database without touching the process-wide settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.auth import AUTH_OFF, Principal, anonymous, authenticate
 from app.config import Settings
-from app.errors import UnsupportedMediaType
+from app.errors import Forbidden, Unauthorized, UnsupportedMediaType
+from app.quotas import RateLimiter
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -47,3 +50,102 @@ def require_json(request: Request) -> None:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 JsonBody = Depends(require_json)
+
+
+# ----------------------------------------------------------------------------- access
+# Declares the scheme in the OpenAPI document (so /docs can authorise) and reads the
+# header; auto_error=False so a missing key is our own 401 with the common error body.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key: `Authorization: Bearer cnn_...` (see docs/security.md).",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+ANONYMOUS_SCOPES = {"read": "ANONYMOUS_READ", "predict": "ANONYMOUS_PREDICT"}
+
+
+def _has_bearer_header(request: Request) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(token.strip())
+
+
+def get_principal(
+    request: Request, session: SessionDep, settings: SettingsDep, credentials: BearerDep
+) -> Principal:
+    """Who is calling: the key's principal, AUTH_OFF, or the anonymous caller (no scopes
+    unless ANONYMOUS_READ / ANONYMOUS_PREDICT open them). A bad key is 401 even where
+    anonymous callers are allowed, so a typo in a key never passes silently."""
+    if settings.AUTH == "off":
+        return AUTH_OFF
+    if credentials is not None:
+        return authenticate(session, credentials.credentials)
+    if request.headers.get("authorization"):
+        raise Unauthorized("the Authorization header must be 'Bearer <API key>'")
+    return anonymous(scope for scope, flag in ANONYMOUS_SCOPES.items() if getattr(settings, flag))
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_scope(*scopes: str) -> Callable[..., Principal]:
+    """Dependency: the caller's Principal if it holds one of `scopes` (admin holds all).
+
+    401 without a (valid) key, 403 with a key that lacks the scope. A state-changing
+    request (not GET/HEAD/OPTIONS, not /predict) also needs the bearer header even with
+    AUTH=off or anonymous access: a browser cannot add it to a cross-site request.
+    """
+    wanted = " or ".join(scopes)
+
+    def dependency(request: Request, principal: PrincipalDep) -> Principal:
+        state_changing = request.method not in SAFE_METHODS and "predict" not in scopes
+        if state_changing and not _has_bearer_header(request):
+            raise Unauthorized(
+                "this request changes state and needs the header 'Authorization: Bearer <API key>'"
+            )
+        if any(principal.allows(scope) for scope in scopes):
+            return principal
+        if principal.id is None and principal.name == "anonymous":
+            raise Unauthorized(f"this request needs an API key with the {wanted} scope")
+        raise Forbidden(f"this API key lacks the {wanted} scope")
+
+    dependency.__name__ = f"require_scope_{'_'.join(scopes)}"
+    return dependency
+
+
+# One dependency object per scope, so that listing it in a route's `dependencies=[...]`
+# (to check the key before the body's content type) and taking the Principal as a
+# parameter run it once (FastAPI caches a dependency per request).
+require_read = require_scope("read")
+require_train = require_scope("train")
+require_admin = require_scope("admin")
+require_predict = require_scope("predict")
+# Jobs: `read` sees every job, a `train` key its own.
+require_job_reader = require_scope("read", "train")
+ReadPrincipal = Annotated[Principal, Depends(require_read)]
+TrainPrincipal = Annotated[Principal, Depends(require_train)]
+AdminPrincipal = Annotated[Principal, Depends(require_admin)]
+JobReader = Annotated[Principal, Depends(require_job_reader)]
+ReadAccess = Depends(require_read)
+TrainAccess = Depends(require_train)
+AdminAccess = Depends(require_admin)
+
+
+def rate_limited_predict(
+    request: Request,
+    settings: SettingsDep,
+    principal: Annotated[Principal, Depends(require_predict)],
+) -> Principal:
+    """The /predict caller, after taking a token from its bucket (429 + Retry-After)."""
+    limiter = getattr(request.app.state, "predict_limiter", None)
+    if limiter is None:
+        limiter = request.app.state.predict_limiter = RateLimiter(
+            settings.PREDICT_RATE_PER_S, settings.PREDICT_BURST
+        )
+    client = request.client.host if request.client else "unknown"
+    limiter.check(f"key:{principal.id}" if principal.id is not None else f"anon:{client}")
+    return principal
+
+
+PredictPrincipal = Annotated[Principal, Depends(rate_limited_predict)]
+PredictAccess = Depends(rate_limited_predict)

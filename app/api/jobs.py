@@ -8,12 +8,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.orm import Session
 
-from app.api.deps import JsonBody, SessionDep, SettingsDep
+from app import auth
+from app.api.deps import JobReader, JsonBody, SessionDep, SettingsDep, TrainAccess, TrainPrincipal
+from app.auth import Principal
 from app.errors import HistoryNotFound
 from app.jobs import queue
 from app.jobs import service as job_service
 from app.ml.analysis import analyse
 from app.schemas import (
+    INT32_MAX,
     AnalysisPublic,
     EpochPublic,
     EvaluationPublic,
@@ -27,7 +30,10 @@ from app.states import JobStatus, is_terminal
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No job with this id."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    403: {"description": "A `train` key asking for another key's job (`forbidden`)."},
+    404: {"description": "No job with this id."},
+}
 
 IdempotencyKey = Annotated[
     str | None,
@@ -44,11 +50,18 @@ IdempotencyKey = Annotated[
     "",
     status_code=202,
     response_model=JobPublic,
-    dependencies=[JsonBody],
+    dependencies=[TrainAccess, JsonBody],
     responses={
         202: {"description": "Accepted; the Location header is the job's URL."},
+        403: {"description": "The model name belongs to another key (`forbidden`)."},
+        409: {
+            "description": "The Idempotency-Key was used for another job (`idempotency_key_reused`)."
+        },
         415: {"description": "The body is not JSON."},
-        422: {"description": "A parameter is out of range or unknown."},
+        422: {"description": "A parameter is out of range or unknown, or the job is too large."},
+        429: {
+            "description": "This key has MAX_ACTIVE_JOBS_PER_KEY jobs queued or running (`quota_exceeded`)."
+        },
     },
 )
 def submit_job(
@@ -56,9 +69,12 @@ def submit_job(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
+    principal: TrainPrincipal,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
-    job, created = job_service.create_job(session, body, idempotency_key)
+    job, created = job_service.create_job(
+        session, body, idempotency_key, principal=principal, settings=settings
+    )
     if created and queue.enqueue_training(settings, job.id):
         job_service.mark_enqueued(session, job.id)
     elif not created:
@@ -70,12 +86,17 @@ def submit_job(
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
+    principal: JobReader,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
     net: Annotated[str | None, Query(max_length=64, description="Only jobs of this net.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=INT32_MAX)] = 0,
 ) -> JobList:
-    rows, total = job_service.list_jobs(session, status=status, net=net, limit=limit, offset=offset)
+    """Every job for `read` keys; a `train` key without `read` sees its own."""
+    owner = None if principal.allows("read") else principal.id
+    rows, total = job_service.list_jobs(
+        session, status=status, net=net, owner_id=owner, limit=limit, offset=offset
+    )
     return JobList(
         jobs=[JobPublic.model_validate(job) for job in rows],
         total=total,
@@ -85,8 +106,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
-def get_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
-    return JobPublic.model_validate(job_service.get_job(session, job_id))
+def get_job(job_id: uuid.UUID, session: SessionDep, principal: JobReader) -> JobPublic:
+    return JobPublic.model_validate(_readable_job(session, principal, job_id))
+
+
+def _readable_job(session: Session, principal: Principal, job_id: uuid.UUID) -> Any:
+    job = job_service.get_job(session, job_id)
+    auth.check_job_access(principal, job)
+    return job
 
 
 def _epoch_dicts(session: Session, job_id: uuid.UUID) -> list[dict[str, float | int | None]]:
@@ -97,9 +124,9 @@ def _epoch_dicts(session: Session, job_id: uuid.UUID) -> list[dict[str, float | 
 
 
 @router.get("/{job_id}/history", response_model=HistoryPublic, responses=NOT_FOUND)
-def job_history(job_id: uuid.UUID, session: SessionDep) -> HistoryPublic:
+def job_history(job_id: uuid.UUID, session: SessionDep, principal: JobReader) -> HistoryPublic:
     """Per-epoch metrics in both row and column form; includes finished epochs of a running job."""
-    job = job_service.get_job(session, job_id)
+    job = _readable_job(session, principal, job_id)
     epochs = _epoch_dicts(session, job_id)
     return HistoryPublic(
         job_id=job.id,
@@ -117,13 +144,14 @@ def job_history(job_id: uuid.UUID, session: SessionDep) -> HistoryPublic:
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "Accuracy and loss curves."},
+        403: NOT_FOUND[403],
         404: {"description": "No such job, or no finished epoch yet (`no_history`)."},
     },
 )
-def job_history_png(job_id: uuid.UUID, session: SessionDep) -> Response:
+def job_history_png(job_id: uuid.UUID, session: SessionDep, principal: JobReader) -> Response:
     from app.ml.plots import history_png  # matplotlib is heavy; load it on first use
 
-    job = job_service.get_job(session, job_id)
+    job = _readable_job(session, principal, job_id)
     epochs = _epoch_dicts(session, job_id)
     if not epochs:
         raise HistoryNotFound(f"job {job_id} has no finished epoch yet (status {job.status})")
@@ -136,18 +164,28 @@ def job_history_png(job_id: uuid.UUID, session: SessionDep) -> Response:
 @router.get(
     "/{job_id}/evaluation",
     response_model=EvaluationPublic,
-    responses={404: {"description": "No such job, or no evaluation yet (`no_evaluation`)."}},
+    responses={
+        403: NOT_FOUND[403],
+        404: {"description": "No such job, or no evaluation yet (`no_evaluation`)."},
+    },
 )
-def job_evaluation(job_id: uuid.UUID, session: SessionDep) -> EvaluationPublic:
-    job_service.get_job(session, job_id)
+def job_evaluation(
+    job_id: uuid.UUID, session: SessionDep, principal: JobReader
+) -> EvaluationPublic:
+    _readable_job(session, principal, job_id)
     return EvaluationPublic.model_validate(job_service.get_evaluation(session, job_id))
 
 
 @router.post(
     "/{job_id}/cancel",
     response_model=JobPublic,
-    responses={**NOT_FOUND, 409: {"description": "The job already finished (`job_terminal`)."}},
+    responses={
+        403: {"description": "Another key's job; only its owner or an admin cancels it."},
+        404: NOT_FOUND[404],
+        409: {"description": "The job already finished (`job_terminal`)."},
+    },
 )
-def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: TrainPrincipal) -> JobPublic:
     """Queued jobs are cancelled at once; a running job stops at its next batch."""
+    auth.check_job_access(principal, job_service.get_job(session, job_id), write=True)
     return JobPublic.model_validate(job_service.cancel_job(session, job_id))

@@ -10,7 +10,15 @@ from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.deps import JsonBody, SessionDep, SettingsDep
+from app import auth
+from app.api.deps import (
+    JsonBody,
+    ReadAccess,
+    SessionDep,
+    SettingsDep,
+    TrainAccess,
+    TrainPrincipal,
+)
 from app.errors import ArtifactMissing, ModelNotFound
 from app.models import ModelVersion
 from app.registry import versions as registry
@@ -52,7 +60,7 @@ def _version_or_404(session: Session, name: str, version: int) -> ModelVersion:
     return registry.get_version(session, name, version)
 
 
-@router.get("", response_model=ModelList)
+@router.get("", response_model=ModelList, dependencies=[ReadAccess])
 def list_models(session: SessionDep) -> ModelList:
     """Every registered name with its latest version and its aliases."""
     models = []
@@ -73,6 +81,7 @@ def list_models(session: SessionDep) -> ModelList:
 @router.get(
     "/{name}",
     response_model=RegisteredModelPublic,
+    dependencies=[ReadAccess],
     responses={404: {"description": "No such registered name (`model_not_found`)."}},
 )
 def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
@@ -89,13 +98,21 @@ def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
 @router.put(
     "/{name}/aliases/{alias}",
     response_model=AliasPublic,
-    dependencies=[JsonBody],
+    dependencies=[TrainAccess, JsonBody],
     responses={404: {"description": "No such name or version (`model_not_found`)."}},
 )
 def set_alias(
-    name: Name, alias: Alias, body: AliasUpdate, session: SessionDep, request: Request
+    name: Name,
+    alias: Alias,
+    body: AliasUpdate,
+    session: SessionDep,
+    request: Request,
+    principal: TrainPrincipal,
 ) -> AliasPublic:
-    """Point `name@alias` at a version; moving an alias is one UPDATE, never a gap."""
+    """Point `name@alias` at a version; moving an alias is one UPDATE, never a gap.
+
+    Only the name's owner (the key that first submitted a job under it) or an admin."""
+    auth.check_model_owner(session, principal, name)
     _version_or_404(session, name, body.version)
     try:
         row = registry.set_alias(session, name, alias, body.version)
@@ -113,6 +130,7 @@ def set_alias(
 @router.get(
     "/{name}/versions/{version}/artifact",
     response_class=FileResponse,
+    dependencies=[ReadAccess],
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The .keras file."},
         404: {"description": "No such version, or its file is gone (`artifact_missing`)."},

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.api.deps import ReadAccess
 from app.ml.nets import NETS
 from app.schemas import NetList, NetPublic
 
 router = APIRouter(tags=["nets"])
 
 
-@router.get("/nets", response_model=NetList)
+@router.get("/nets", response_model=NetList, dependencies=[ReadAccess])
 def list_nets() -> NetList:
     return NetList(
         nets=[

@@ -13,8 +13,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
+from app.api.deps import PredictAccess
 from app.errors import InputError, PayloadTooLarge, UnsupportedMediaType
-from app.schemas import PredictBody, PredictResponse
+from app.schemas import (
+    ALIAS_PATTERN,
+    INT32_MAX,
+    MODEL_NAME_PATTERN,
+    OutputForm,
+    PredictBody,
+    PredictResponse,
+)
 from app.serving.service import PredictionService
 
 router = APIRouter(tags=["predict"])
@@ -53,6 +61,7 @@ def _media(request: Request) -> str:
 
 @router.post(
     "/predict",
+    dependencies=[PredictAccess],
     responses=_ERRORS,
     openapi_extra={
         "requestBody": {
@@ -76,12 +85,28 @@ def _media(request: Request) -> str:
                 "schema": schema,
             }
             for name, text, schema in (
-                ("model", "registered model name (required)", {"type": "string"}),
-                ("version", "a version number", {"type": "integer", "minimum": 1}),
-                ("alias", "an alias", {"type": "string"}),
-                ("top_k", "answer only the k most probable classes", {"type": "integer"}),
-                ("output", "full or probabilities", {"type": "string"}),
-                ("shape", "N,32,32,3 (N may be left out)", {"type": "string"}),
+                (
+                    "model",
+                    "registered model name (required)",
+                    {"type": "string", "pattern": MODEL_NAME_PATTERN},
+                ),
+                (
+                    "version",
+                    "a version number",
+                    {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
+                ),
+                ("alias", "an alias", {"type": "string", "pattern": ALIAS_PATTERN}),
+                (
+                    "top_k",
+                    "answer only the k most probable classes",
+                    {"type": "integer", "minimum": 1, "maximum": 10},
+                ),
+                ("output", "full or probabilities", {"enum": ["full", "probabilities"]}),
+                (
+                    "shape",
+                    "N,32,32,3 (N may be left out)",
+                    {"type": "string", "pattern": r"^(\d+,)?32,32,3$"},
+                ),
             )
         ],
     },
@@ -130,19 +155,19 @@ def require_multipart(request: Request) -> None:
 
 @router.post(
     "/predict/image",
-    dependencies=[Depends(require_multipart)],
+    dependencies=[PredictAccess, Depends(require_multipart)],
     responses=_ERRORS,
     summary="Class probabilities for one uploaded PNG or JPEG",
 )
 async def predict_image(
     request: Request,
     file: Annotated[UploadFile, File(description="A PNG or JPEG, 32x32 unless resize is set.")],
-    model: Annotated[str, Form()],
-    version: Annotated[int | None, Form()] = None,
-    alias: Annotated[str | None, Form()] = None,
+    model: Annotated[str, Form(pattern=MODEL_NAME_PATTERN)],
+    version: Annotated[int | None, Form(ge=1, le=INT32_MAX)] = None,
+    alias: Annotated[str | None, Form(pattern=ALIAS_PATTERN)] = None,
     resize: Annotated[bool, Form()] = False,
-    top_k: Annotated[int | None, Form()] = None,
-    output: Annotated[str, Form()] = "full",
+    top_k: Annotated[int | None, Form(ge=1, le=10)] = None,
+    output: Annotated[OutputForm, Form()] = "full",
 ) -> Response:
     fields = {
         "model": model,

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from app.api.deps import ReadAccess
 from app.errors import UnknownNet
 from app.ml.nets import NETS
 from app.schemas import SummaryPublic
@@ -25,6 +26,7 @@ def _summary(net: str) -> dict[str, Any]:
 @router.get(
     "/summary/{net}",
     response_model=SummaryPublic,
+    dependencies=[ReadAccess],
     responses={404: {"description": "Unknown net; the message lists the known ones."}},
 )
 def net_summary(net: str) -> dict[str, Any]:

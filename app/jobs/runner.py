@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import session_factory
+from app.errors import public_message
 from app.jobs import execution
 from app.models import Job
 from app.registry.store import LocalArtifactStore
@@ -498,17 +499,19 @@ def _out_of_memory_types() -> tuple[type[BaseException], ...]:
 
 
 def failure_message(exc: BaseException, job: Job, settings: Settings, device: str) -> str:
-    """A sentence the user can act on, naming what to change."""
+    """A sentence the user can act on, naming what to change, fit for any API caller
+    (no absolute paths, no raw text of unexpected exceptions: those go to the log)."""
+    return public_message(_failure_text(exc, job, settings, device))
+
+
+def _failure_text(exc: BaseException, job: Job, settings: Settings, device: str) -> str:
     from app.ml.data import DataError
     from app.ml.nets import UnknownNetError
     from app.ml.training import TrainingError
 
     kind = type(exc).__name__
     if isinstance(exc, DataError):
-        return (
-            f"could not load the CIFAR-10 data: {exc}. Check the workers' CIFAR10_SOURCE "
-            f"setting (now {settings.CIFAR10_SOURCE!r})"
-        )
+        return f"could not load the CIFAR-10 data: {exc}. Check the workers' CIFAR10_SOURCE setting"
     out_of_memory = "out of memory" in str(exc).lower() or "OOM when allocating" in str(exc)
     if isinstance(exc, _out_of_memory_types()) or out_of_memory:
         return (
@@ -521,4 +524,5 @@ def failure_message(exc: BaseException, job: Job, settings: Settings, device: st
         return f"training stopped: {exc}"
     if isinstance(exc, ValueError):
         return f"invalid training parameters: {exc}"
-    return f"training failed with {kind}: {exc}"
+    # Anything else may carry paths, tensors or library internals: the worker's log has it.
+    return f"training failed with {kind}; the worker's log has the details"

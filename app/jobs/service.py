@@ -15,9 +15,13 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from app import auth
+from app.auth import Principal
+from app.config import Settings
 from app.db import rowcount
-from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound
+from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound, JobTooLarge
 from app.models import EpochMetric, Evaluation, Job
+from app.quotas import check_job_quota
 from app.schemas import JobCreate
 from app.states import InvalidTransition, JobStatus, check_transition
 
@@ -35,6 +39,8 @@ PARAMETER_FIELDS = (
 )
 # A job row is re-read at most this often when a worker keeps changing it under a cancel.
 _CANCEL_ATTEMPTS = 5
+# CIFAR-10's training images: a job without train_limit trains on all of them.
+CIFAR10_TRAIN_IMAGES = 50_000
 
 
 def _now() -> datetime:
@@ -50,8 +56,35 @@ def _by_key(session: Session, key: str) -> Job | None:
     return session.scalar(_job_query().where(Job.idempotency_key == key))
 
 
-def _check_same_request(job: Job, data: JobCreate) -> None:
+def check_job_size(data: JobCreate, settings: Settings) -> None:
+    """JobTooLarge past the settings' bounds (JOB_MAX_EPOCHS, JOB_MAX_BATCH_SIZE, and
+    JOB_MAX_IMAGE_EPOCHS for epochs x training images), so one job cannot hold a worker
+    for days or exhaust its memory."""
+    images = min(data.train_limit or CIFAR10_TRAIN_IMAGES, CIFAR10_TRAIN_IMAGES)
+    problems = []
+    if data.epochs > settings.JOB_MAX_EPOCHS:
+        problems.append(f"epochs must be at most {settings.JOB_MAX_EPOCHS} (JOB_MAX_EPOCHS)")
+    if data.batch_size > settings.JOB_MAX_BATCH_SIZE:
+        problems.append(
+            f"batch_size must be at most {settings.JOB_MAX_BATCH_SIZE} (JOB_MAX_BATCH_SIZE)"
+        )
+    if data.epochs * images > settings.JOB_MAX_IMAGE_EPOCHS:
+        problems.append(
+            f"epochs x training images ({data.epochs} x {images:,}) must be at most "
+            f"{settings.JOB_MAX_IMAGE_EPOCHS:,} (JOB_MAX_IMAGE_EPOCHS); lower epochs or set "
+            "train_limit"
+        )
+    if problems:
+        raise JobTooLarge("; ".join(problems))
+
+
+def _check_same_request(job: Job, data: JobCreate, principal: Principal | None) -> None:
     """A reused Idempotency-Key must carry the same request, else it is a client bug."""
+    if principal is not None and not principal.owns(job.owner_id):
+        # Keys are not shared between API keys: another key's job is never replayed.
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used by another API key; send a new key"
+        )
     wanted = data.parameters()
     differing = [name for name in PARAMETER_FIELDS if getattr(job, name) != wanted[name]]
     if differing:
@@ -62,19 +95,33 @@ def _check_same_request(job: Job, data: JobCreate) -> None:
 
 
 def create_job(
-    session: Session, data: JobCreate, idempotency_key: str | None = None
+    session: Session,
+    data: JobCreate,
+    idempotency_key: str | None = None,
+    *,
+    principal: Principal | None = None,
+    settings: Settings | None = None,
 ) -> tuple[Job, bool]:
-    """Insert a queued job and commit; returns (job, created).
+    """Insert a queued job owned by `principal` and commit; returns (job, created).
 
     With an idempotency key that is already stored, the stored job comes back instead
     (created=False). Two concurrent requests with the same new key both reach the INSERT;
     the unique constraint lets one win and the other re-reads the winner's row.
+    With settings, the job size bounds and the key's job quota apply (JobTooLarge,
+    QuotaExceeded); with a principal, the model name must be free or its own (Forbidden).
     """
     if idempotency_key is not None:
         existing = _by_key(session, idempotency_key)
         if existing is not None:
-            _check_same_request(existing, data)
+            _check_same_request(existing, data, principal)
             return existing, False
+    if settings is not None:
+        check_job_size(data, settings)
+    if principal is not None:
+        auth.claim_model_name(session, principal, data.model_name or data.net)
+        if settings is not None:
+            # Locks the key's row until the job is committed (see check_job_quota).
+            check_job_quota(session, principal, settings.MAX_ACTIVE_JOBS_PER_KEY)
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
@@ -83,6 +130,7 @@ def create_job(
         cancel_requested=False,
         created_at=_now(),
         idempotency_key=idempotency_key,
+        owner_id=principal.id if principal is not None else None,
         **data.parameters(),
     )
     session.add(job)
@@ -93,7 +141,7 @@ def create_job(
         existing = _by_key(session, idempotency_key) if idempotency_key is not None else None
         if existing is None:
             raise
-        _check_same_request(existing, data)
+        _check_same_request(existing, data, principal)
         return existing, False
     return job, True
 
@@ -117,11 +165,14 @@ def list_jobs(
     *,
     status: JobStatus | None = None,
     net: str | None = None,
+    owner_id: int | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[Job], int]:
     """One page of jobs, newest first, and how many match the filters in all."""
     filters = []
+    if owner_id is not None:
+        filters.append(Job.owner_id == owner_id)
     if status is not None:
         filters.append(Job.status == status.value)
     if net is not None:

@@ -14,12 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select, text
 
 from app.jobs.queue import TRAIN_TASK
-from app.main import create_app
 from app.ml.nets import CLASS_NAMES, NETS
 from app.models import Evaluation, Job
 
@@ -84,10 +82,10 @@ def test_post_job_keeps_every_given_parameter(client):
     assert job["progress"] == {"epoch": 0, "epochs": 3}
 
 
-def test_job_stays_queued_when_the_broker_is_down(clean_db, settings, session_factory):
+def test_job_stays_queued_when_the_broker_is_down(clean_db, settings, session_factory, client_for):
     # Nothing listens on port 1: the broker refuses like a stopped Redis.
     down = settings.model_copy(update={"CELERY_BROKER_URL": "redis://127.0.0.1:1/0"})
-    with TestClient(create_app(down)) as client:
+    with client_for(down) as client:
         started = time.monotonic()
         response = client.post("/jobs", json={"net": "net1", "epochs": 2})
         elapsed = time.monotonic() - started
@@ -116,12 +114,12 @@ def test_idempotency_key_returns_the_same_job(client, session_factory, training_
     assert job_count(session_factory) == 3
 
 
-def test_idempotency_key_reused_with_other_parameters_is_422(client, session_factory, expect_error):
+def test_idempotency_key_reused_with_other_parameters_is_409(client, session_factory, expect_error):
     headers = {"Idempotency-Key": "retry-me-2"}
     assert client.post("/jobs", json={"net": "net1"}, headers=headers).status_code == 202
     error = expect_error(
         client.post("/jobs", json={"net": "net1", "epochs": 5}, headers=headers),
-        422,
+        409,
         "idempotency_key_reused",
     )
     assert "epochs" in error["message"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from fastapi.testclient import TestClient
-
-from app.main import create_app
 from app.ml.nets import NETS
 
 
@@ -17,21 +14,25 @@ def test_health_reports_the_database(client):
     assert body["database_backend"] == "postgresql"
 
 
-def test_health_is_503_when_the_database_does_not_answer(clean_db, settings, expect_error):
+def test_health_is_503_when_the_database_does_not_answer(
+    clean_db, settings, expect_error, client_for
+):
     # Nothing listens on port 1: the connection is refused, as with a stopped server.
     down = settings.model_copy(
         update={"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/cnn"}
     )
-    with TestClient(create_app(down)) as client:
+    with client_for(down) as client:
         error = expect_error(client.get("/health"), 503, "database_unavailable")
     assert "database" in error["message"]
 
 
-def test_other_endpoints_answer_503_while_the_database_is_down(clean_db, settings, expect_error):
+def test_other_endpoints_answer_503_while_the_database_is_down(
+    clean_db, settings, expect_error, client_for
+):
     down = settings.model_copy(
         update={"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/cnn"}
     )
-    with TestClient(create_app(down)) as client:
+    with client_for(down) as client:
         expect_error(client.post("/jobs", json={"net": "net1"}), 503, "database_unavailable")
         expect_error(client.get("/jobs"), 503, "database_unavailable")
         expect_error(client.get("/models"), 503, "database_unavailable")
@@ -115,7 +116,8 @@ def test_openapi_and_docs_are_served(client):
     ):
         assert path in paths, path
     job_create = spec.json()["components"]["schemas"]["JobCreate"]["properties"]
-    assert job_create["epochs"]["minimum"] == 1 and job_create["epochs"]["maximum"] == 1000
+    # The upper bound is the settings' JOB_MAX_EPOCHS (200 by default), see docs/security.md.
+    assert job_create["epochs"]["minimum"] == 1 and job_create["epochs"]["maximum"] == 200
     assert client.get("/docs").status_code == 200
 
 

@@ -424,13 +424,9 @@ def test_unknown_model_version_or_alias_is_404(client, register_model, tiny_mode
 
 
 @pytest.fixture
-def small_client(clean_db: None, settings: Any) -> Iterator[Any]:
+def small_client(clean_db: None, settings: Any, client_for: Any) -> Iterator[Any]:
     """An app that takes at most 2 instances per request."""
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    with TestClient(create_app(settings.model_copy(update={"PREDICT_MAX_INSTANCES": 2}))) as c:
+    with client_for(settings.model_copy(update={"PREDICT_MAX_INSTANCES": 2})) as c:
         yield c
 
 

@@ -37,6 +37,7 @@ from tests.worker.conftest import (  # noqa: F401  (fixtures re-exported for thi
     Api,
     Proc,
     Processes,
+    admin_key,
     free_port,
     processes,
     pytest_runtest_makereport,
@@ -139,12 +140,13 @@ class FaultStack:
         self.db_name = db_name
         self.sessions = session_factory(settings)
         self.port = free_port()
+        self.key = admin_key(settings)  # the API wants a key (docs/security.md)
         self.api_proc: Proc | None = None
         self.api: Api = self.start_api()
 
     def start_api(self) -> Api:
         self.api_proc = self.procs.api(self.settings, self.port)
-        return Api(self.port)
+        return Api(self.port, self.key)
 
     def restart_api(self) -> None:
         assert self.api_proc is not None

@@ -190,11 +190,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     setattr(item, f"rep_{report.when}", report)
 
 
+def admin_key(settings: Settings) -> str:
+    """A new admin API key in the database of `settings` (migrated already)."""
+    from app import auth
+    from app.db import session_factory
+
+    with session_factory(settings)() as session:
+        return auth.create_key(session, f"e2e-{uuid.uuid4().hex[:8]}", "admin").key
+
+
 class Api:
     """A small HTTP client for the job endpoints, with the assertions every test repeats."""
 
-    def __init__(self, port: int) -> None:
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    def __init__(self, port: int, key: str) -> None:
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        )
 
     def submit(self, **params: Any) -> dict[str, Any]:
         response = self.http.post("/jobs", json=params)

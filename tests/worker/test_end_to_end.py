@@ -29,7 +29,15 @@ from app.migrate import upgrade
 from app.models import EpochMetric, Job
 from app.registry.store import LocalArtifactStore
 
-from .conftest import FAST_ROBUSTNESS, Api, Processes, free_port, wait_api, wait_for
+from .conftest import (
+    FAST_ROBUSTNESS,
+    Api,
+    Processes,
+    admin_key,
+    free_port,
+    wait_api,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +110,7 @@ def stack(
     port = free_port()
     try:
         procs.api(settings, port)
-        api = Api(port)
+        api = Api(port, admin_key(settings))
         yield Stack(settings, api)
         api.close()
     finally:
@@ -271,7 +279,8 @@ def test_embedded_default_trains_restarts_its_worker_and_stops_on_ctrl_c(
     command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     serve = processes.start("serve", command, settings)
     wait_api(serve, port, timeout=120)
-    api = Api(port)
+    # The first start wrote an admin key for the README's curl lines to read.
+    api = Api(port, settings.admin_key_file.read_text().strip())
     assert api.http.get("/health").json()["database_backend"] == "sqlite"
 
     job = api.submit(**SMALL_JOB, epochs=2)
@@ -307,7 +316,7 @@ def test_embedded_default_trains_restarts_its_worker_and_stops_on_ctrl_c(
 
     serve = processes.start("serve-again", command, settings)
     wait_api(serve, port, timeout=120)
-    api = Api(port)
+    api = Api(port, settings.admin_key_file.read_text().strip())
     finished = api.wait_status(job_id, "succeeded", timeout=180)
     assert api.epochs(job_id) == [1, 2, 3, 4, 5, 6]
     assert finished["attempts"] == 1
