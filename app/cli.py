@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import get_settings
-from app.ml.params import OPTIMIZERS, PRECISIONS, default
+from app.ml.params import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, default
 
 
 def _cmd_nets(_: argparse.Namespace) -> int:
@@ -142,6 +142,43 @@ def _cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def _add_lever_arguments(p: argparse.ArgumentParser) -> None:
+    """The issue-11 levers, named as the job fields (docs/course.md); all off by default."""
+    g = p.add_argument_group("levers (all off by default)")
+    g.add_argument(
+        "--augment-crop",
+        type=int,
+        default=default("augment_crop"),
+        metavar="PIXELS",
+        help="pad and crop a random 32x32 window",
+    )
+    g.add_argument("--augment-flip", action="store_true", help="random horizontal flip")
+    g.add_argument(
+        "--cutout",
+        type=int,
+        default=default("cutout"),
+        metavar="PIXELS",
+        help="erase one random square of this side",
+    )
+    g.add_argument("--label-smoothing", type=float, default=default("label_smoothing"))
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=default("weight_decay"),
+        help="decoupled weight decay (with --optimizer adamw)",
+    )
+    g.add_argument("--clipnorm", type=float, default=default("clipnorm"))
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=default("lr_schedule"))
+    g.add_argument("--warmup-epochs", type=int, default=default("warmup_epochs"))
+    g.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=None,
+        metavar="EPOCHS",
+        help="stop on val_loss and keep the best epoch's weights",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=default("seed"))
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N images")
     p.add_argument("--precision", choices=PRECISIONS, default=None)
+    _add_lever_arguments(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)
 

@@ -216,6 +216,7 @@ class _Runner:
             "epochs": config.epochs,
             "device": result.device,
             "precision": result.precision,
+            **({"restored_epoch": result.best_epoch} if result.best_epoch else {}),
         }
         version = self._db(
             execution.finish_succeeded,
