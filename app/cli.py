@@ -7,6 +7,7 @@ cnn predict MODEL.keras IMAGE ten class probabilities
 cnn serve [--host H --port P] API + worker (embedded default without servers)
 cnn worker                    one Celery training worker (one per GPU)
 cnn migrate                   apply the Alembic migrations to DATABASE_URL
+cnn report --jobs ID,... --out DIR   results.md + PNGs from finished jobs in the database
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import get_settings
+from app.errors import AppError
 from app.ml.params import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, default
 
 
@@ -134,6 +136,57 @@ def _cmd_worker(_: argparse.Namespace) -> int:
     return run_worker(get_settings()) or 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from app.db import session_factory
+    from app.ml.plots import history_png
+    from app.reports.compare import compare_jobs, parse_job_ids, require_finished
+    from app.reports.markdown import render_report, title
+    from app.reports.plots import compare_png
+
+    settings = get_settings()
+    ids = parse_job_ids(args.jobs)
+    with session_factory(settings)() as session:
+        rows = compare_jobs(session, ids)
+    require_finished(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = args.image_prefix
+    (out / f"{prefix}compare.png").write_bytes(compare_png(rows))
+    curves = {}
+    for row in rows:
+        file = f"{prefix}curves-{row['net']}-{row['id'][:8]}.png"
+        epochs = [
+            {key: row["history"][key][i] for key in row["history"]}
+            for i in range(len(row["history"]["epoch"]))
+        ]
+        (out / file).write_bytes(history_png(epochs, title=f"{title(row)}: job {row['id'][:8]}"))
+        curves[row["id"]] = file
+    command = f"cnn report --jobs {','.join(str(i) for i in ids)} --out {args.out}"
+    text = render_report(
+        rows,
+        compare_image=f"{prefix}compare.png",
+        curve_images=curves,
+        command=command,
+        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        reproduce=REPRODUCE.format(command=command),
+    )
+    (out / args.name).write_text(text)
+    print(f"wrote {out / args.name} and {len(rows) + 1} PNGs")
+    return 0
+
+
+REPRODUCE = """The jobs are the POST /jobs bodies of `scripts/report_jobs.json` (NET I-III with the \
+course's settings in float32; NET IV's recipe). With the service running:
+
+```bash
+python scripts/submit_report_jobs.py --url http://localhost:8000   # prints the job ids
+# ... wait until they succeeded (GET /jobs/ID), then:
+{command}
+```"""
+
+
 def _cmd_migrate(_: argparse.Namespace) -> int:
     from app.migrate import upgrade
 
@@ -220,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("worker", help="run one training worker").set_defaults(func=_cmd_worker)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("report", help="Markdown report + PNGs from finished jobs (DATABASE_URL)")
+    p.add_argument("--jobs", required=True, help="comma-separated job ids, in table order")
+    p.add_argument("--out", default="docs", help="output folder (default: docs)")
+    p.add_argument("--name", default="results.md", help="report file name (default: results.md)")
+    p.add_argument(
+        "--image-prefix", default="results-", help="prefix of the PNG names (default: results-)"
+    )
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -230,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     # User-facing failures (bad data, bad model file, NaN loss) are ValueError/OSError/
     # RuntimeError subclasses with a message that names the culprit.
+    except AppError as exc:  # e.g. `cnn report` with an unknown job id
+        print(f"cnn {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"cnn {args.command}: error: {exc}", file=sys.stderr)
         return 2

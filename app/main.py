@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from app.api import health, jobs, models, nets, predict, summary
+from app.api import compare, health, jobs, models, nets, predict, summary
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import error_body, install_error_handlers
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         models.router,
         predict.router,
+        compare.router,
     ):
         app.include_router(router)
     return app
