@@ -161,6 +161,9 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
         waiting = 0
         while waiting == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+            # pg_stat_activity is read once per transaction and then cached: drop the cache,
+            # or a first look taken before the API connected is all this loop ever sees.
+            holder.execute(text("SELECT pg_stat_clear_snapshot()"))
             waiting = holder.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_activity "
