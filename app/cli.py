@@ -49,7 +49,9 @@ def _print_epoch_line(record: object) -> None:
         f"val_loss {record.val_loss if record.val_loss is None else round(record.val_loss, 4)} "
         f"val_accuracy "
         f"{record.val_accuracy if record.val_accuracy is None else round(record.val_accuracy, 4)} "
-        f"({record.seconds:.1f} s, {record.images_per_second:,.0f} images/s)",
+        f"({record.seconds:.1f} s, {record.images_per_second:,.0f} images/s"
+        + ("" if record.learning_rate is None else f", lr {record.learning_rate:.3g}")
+        + ")",
         flush=True,
     )
 
@@ -69,6 +71,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = load_cifar10(source, cache_dir=settings.cache_dir)
     result = train(config, data, on_epoch=_print_epoch_line, verbose=1 if args.progress else 0)
     print(f"trained on {result.device} with precision {result.precision}")
+    if result.best_epoch is not None:
+        stopped = f"stopped after epoch {result.stopped_epoch}; " if result.stopped_epoch else ""
+        print(f"early stopping: {stopped}the model has the weights of epoch {result.best_epoch}")
     evaluation = evaluate(result.model, data.x_test, data.y_test)
     rows = [record.to_dict() for record in result.epochs]
     analysis = analyse(rows)

@@ -177,7 +177,9 @@ def build_net4(
 
     def conv_bn(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        # momentum 0.9 (PyTorch's 0.1): the running statistics follow the weights within
+        # an epoch or two, which a one-cycle run of a dozen epochs needs.
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x)
 
     def residual(x: keras.KerasTensor, name: str) -> keras.KerasTensor:
