@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import get_settings
-from app.errors import AppError
+from app.errors import DomainError
 from app.ml.params import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, default
 
 
@@ -136,9 +137,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(_: argparse.Namespace) -> int:
-    from worker.run import run_worker
-
-    return run_worker(get_settings()) or 0
+    # The worker's entry point lives in the `worker` package, which app/ never imports:
+    # this process becomes `python -m worker.run` (same pid, environment and settings).
+    os.execv(sys.executable, [sys.executable, "-m", "worker.run"])
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -297,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     # User-facing failures (bad data, bad model file, NaN loss) are ValueError/OSError/
     # RuntimeError subclasses with a message that names the culprit.
-    except AppError as exc:  # e.g. `cnn report` with an unknown job id
+    except DomainError as exc:  # e.g. `cnn report` with an unknown job id
         print(f"cnn {args.command}: error: {exc.message}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, OSError, RuntimeError) as exc:

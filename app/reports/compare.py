@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.errors import AppError
+from app.errors import InvalidJobIds, JobNotFinished
 from app.ml.analysis import analyse
 from app.ml.params import LEVER_FIELDS
 
@@ -40,24 +40,20 @@ def net_size(net: str) -> tuple[int, int]:
 
 
 def parse_job_ids(text: str) -> list[uuid.UUID]:
-    """'ID,ID,...' -> UUIDs in the given order, without repeats; AppError 422 when malformed."""
+    """'ID,ID,...' -> UUIDs in the given order, without repeats; InvalidJobIds (422) when malformed."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not parts:
-        raise AppError("invalid_job_ids", "jobs must list at least one job id (ID,ID,...)", 422)
+        raise InvalidJobIds("jobs must list at least one job id (ID,ID,...)")
     if len(parts) > MAX_COMPARE_JOBS:
-        raise AppError(
-            "invalid_job_ids",
-            f"at most {MAX_COMPARE_JOBS} jobs can be compared at once (got {len(parts)})",
-            422,
+        raise InvalidJobIds(
+            f"at most {MAX_COMPARE_JOBS} jobs can be compared at once (got {len(parts)})"
         )
     ids: list[uuid.UUID] = []
     for part in parts:
         try:
             job_id = uuid.UUID(part)
         except ValueError:
-            raise AppError(
-                "invalid_job_ids", f"not a job id: {part[:40]!r} (expected a UUID)", 422
-            ) from None
+            raise InvalidJobIds(f"not a job id: {part[:40]!r} (expected a UUID)") from None
         if job_id not in ids:
             ids.append(job_id)
     return ids
@@ -103,8 +99,8 @@ def job_row(job: Any, epochs: Sequence[Any]) -> dict[str, Any]:
 
 
 def compare_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> list[dict[str, Any]]:
-    """Rows for the given jobs, in order; AppError 404 `job_not_found` for an unknown id."""
-    from app.services import jobs as job_service
+    """Rows for the given jobs, in order; JobNotFound (404) for an unknown id."""
+    from app.jobs import service as job_service
 
     out = []
     for job_id in job_ids:
@@ -114,11 +110,7 @@ def compare_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> list[dict[st
 
 
 def require_finished(rows: Sequence[dict[str, Any]]) -> None:
-    """A report is written from succeeded jobs only: AppError 409 `job_not_finished` else."""
+    """A report is written from succeeded jobs only: JobNotFinished (409) else."""
     pending = [f"{r['id']} ({r['status']})" for r in rows if r["status"] != "succeeded"]
     if pending:
-        raise AppError(
-            "job_not_finished",
-            "a report needs succeeded jobs; not succeeded: " + ", ".join(pending),
-            409,
-        )
+        raise JobNotFinished("a report needs succeeded jobs; not succeeded: " + ", ".join(pending))

@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select, text
 
+from app.jobs.queue import TRAIN_TASK
 from app.main import create_app
 from app.ml.nets import CLASS_NAMES, NETS
 from app.models import Evaluation, Job
-from worker.celery_app import TRAIN_TASK
 
 SEED_DEFAULTS = {
     "epochs": 20,
