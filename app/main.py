@@ -16,6 +16,7 @@ from app.api import compare, health, jobs, models, nets, predict, summary
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
+from app.serving.service import PredictionService
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     sessions = session_factory(settings)
+    prediction = PredictionService(settings, sessions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API up, database backend %s", sessions.kw["bind"].dialect.name)
+        await prediction.start()
         yield
+        await prediction.stop()
         # Return pooled connections now rather than at interpreter exit.
         sessions.kw["bind"].dispose()
 
@@ -44,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
+    app.state.prediction = prediction
     install_error_handlers(app)
     for router in (
         health.router,
