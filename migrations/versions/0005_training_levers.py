@@ -1,7 +1,7 @@
 """training levers (issue 11): jobs get the lever columns, epochs the learning rate
 
 Revision ID: 0005_training_levers
-Revises: 0001
+Revises: 0004_claim_counter
 Create Date: 2026-11-27
 
 Every lever is off by default, and existing rows get that default (server_default), so
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_training_levers"
-down_revision: str | Sequence[str] | None = "0001"
+down_revision: str | Sequence[str] | None = "0004_claim_counter"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
