@@ -9,6 +9,7 @@ cnn worker                    one Celery training worker (one per GPU)
 cnn migrate                   apply the Alembic migrations to DATABASE_URL
 cnn keys create --name N --scope read,predict   a new API key (printed once)
 cnn keys list | cnn keys revoke ID_OR_NAME
+cnn report --jobs ID,... --out DIR   results.md + PNGs from finished jobs in the database
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from app.config import get_settings
-from app.ml.params import OPTIMIZERS, PRECISIONS, default
+from app.errors import DomainError
+from app.ml.params import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, default
 
 
 def _cmd_nets(_: argparse.Namespace) -> int:
@@ -51,7 +53,9 @@ def _print_epoch_line(record: object) -> None:
         f"val_loss {record.val_loss if record.val_loss is None else round(record.val_loss, 4)} "
         f"val_accuracy "
         f"{record.val_accuracy if record.val_accuracy is None else round(record.val_accuracy, 4)} "
-        f"({record.seconds:.1f} s, {record.images_per_second:,.0f} images/s)",
+        f"({record.seconds:.1f} s, {record.images_per_second:,.0f} images/s"
+        + ("" if record.learning_rate is None else f", lr {record.learning_rate:.3g}")
+        + ")",
         flush=True,
     )
 
@@ -71,6 +75,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = load_cifar10(source, cache_dir=settings.cache_dir)
     result = train(config, data, on_epoch=_print_epoch_line, verbose=1 if args.progress else 0)
     print(f"trained on {result.device} with precision {result.precision}")
+    if result.best_epoch is not None:
+        stopped = f"stopped after epoch {result.stopped_epoch}; " if result.stopped_epoch else ""
+        print(f"early stopping: {stopped}the model has the weights of epoch {result.best_epoch}")
     evaluation = evaluate(result.model, data.x_test, data.y_test)
     rows = [record.to_dict() for record in result.epochs]
     analysis = analyse(rows)
@@ -147,6 +154,57 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0  # not reached: execv replaces this process
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from app.db import session_factory
+    from app.ml.plots import history_png
+    from app.reports.compare import compare_jobs, parse_job_ids, require_finished
+    from app.reports.markdown import render_report, title
+    from app.reports.plots import compare_png
+
+    settings = get_settings()
+    ids = parse_job_ids(args.jobs)
+    with session_factory(settings)() as session:
+        rows = compare_jobs(session, ids)
+    require_finished(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = args.image_prefix
+    (out / f"{prefix}compare.png").write_bytes(compare_png(rows))
+    curves = {}
+    for row in rows:
+        file = f"{prefix}curves-{row['net']}-{row['id'][:8]}.png"
+        epochs = [
+            {key: row["history"][key][i] for key in row["history"]}
+            for i in range(len(row["history"]["epoch"]))
+        ]
+        (out / file).write_bytes(history_png(epochs, title=f"{title(row)}: job {row['id'][:8]}"))
+        curves[row["id"]] = file
+    command = f"cnn report --jobs {','.join(str(i) for i in ids)} --out {args.out}"
+    text = render_report(
+        rows,
+        compare_image=f"{prefix}compare.png",
+        curve_images=curves,
+        command=command,
+        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        reproduce=REPRODUCE.format(command=command),
+    )
+    (out / args.name).write_text(text)
+    print(f"wrote {out / args.name} and {len(rows) + 1} PNGs")
+    return 0
+
+
+REPRODUCE = """The jobs are the POST /jobs bodies of `scripts/report_jobs.json` (NET I-III with the \
+course's settings in float32; NET IV's recipe). With the service running:
+
+```bash
+python scripts/submit_report_jobs.py --url http://localhost:8000   # prints the job ids
+# ... wait until they succeeded (GET /jobs/ID), then:
+{command}
+```"""
+
+
 def _cmd_migrate(_: argparse.Namespace) -> int:
     from app.migrate import upgrade
 
@@ -215,6 +273,43 @@ def _key_dict(row: object) -> dict[str, object]:
     return ApiKeyPublic.from_row(row).model_dump(mode="json")
 
 
+def _add_lever_arguments(p: argparse.ArgumentParser) -> None:
+    """The issue-11 levers, named as the job fields (docs/course.md); all off by default."""
+    g = p.add_argument_group("levers (all off by default)")
+    g.add_argument(
+        "--augment-crop",
+        type=int,
+        default=default("augment_crop"),
+        metavar="PIXELS",
+        help="pad and crop a random 32x32 window",
+    )
+    g.add_argument("--augment-flip", action="store_true", help="random horizontal flip")
+    g.add_argument(
+        "--cutout",
+        type=int,
+        default=default("cutout"),
+        metavar="PIXELS",
+        help="erase one random square of this side",
+    )
+    g.add_argument("--label-smoothing", type=float, default=default("label_smoothing"))
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=default("weight_decay"),
+        help="decoupled weight decay (with --optimizer adamw)",
+    )
+    g.add_argument("--clipnorm", type=float, default=default("clipnorm"))
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=default("lr_schedule"))
+    g.add_argument("--warmup-epochs", type=int, default=default("warmup_epochs"))
+    g.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=None,
+        metavar="EPOCHS",
+        help="stop on val_loss and keep the best epoch's weights",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on a seeded random subset of N images (quick runs)",
     )
     p.add_argument("--precision", choices=PRECISIONS, default=None)
+    _add_lever_arguments(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)
 
@@ -280,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     k = keys.add_parser("revoke", help="revoke a key at once")
     k.add_argument("key", help="the key's id or name")
+    p = sub.add_parser("report", help="Markdown report + PNGs from finished jobs (DATABASE_URL)")
+    p.add_argument("--jobs", required=True, help="comma-separated job ids, in table order")
+    p.add_argument("--out", default="docs", help="output folder (default: docs)")
+    p.add_argument("--name", default="results.md", help="report file name (default: results.md)")
+    p.add_argument(
+        "--image-prefix", default="results-", help="prefix of the PNG names (default: results-)"
+    )
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -290,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     # User-facing failures (bad data, bad model file, NaN loss) are ValueError/OSError/
     # RuntimeError subclasses with a message that names the culprit.
+    except DomainError as exc:  # e.g. `cnn report` with an unknown job id
+        print(f"cnn {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"cnn {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -56,6 +56,9 @@ STATUS: dict[str, int] = {
     "quota_exceeded": 429,
     "job_terminal": 409,
     "invalid_transition": 409,
+    # compare and report (issue 11)
+    "invalid_job_ids": 422,
+    "job_not_finished": 409,
     # nets, models and artifacts
     "unknown_net": 404,
     "model_not_found": 404,
@@ -145,6 +148,14 @@ class InputError(DomainError, ValueError):
 # ----------------------------------------------------------------------------- jobs
 class JobNotFound(DomainError, code="job_not_found"):
     """No job has this id."""
+
+
+class InvalidJobIds(DomainError, code="invalid_job_ids"):
+    """GET /compare or /report got an empty, too long or malformed list of job ids."""
+
+
+class JobNotFinished(DomainError, code="job_not_finished"):
+    """A report is written from succeeded jobs only."""
 
 
 class EvaluationNotFound(DomainError, code="no_evaluation"):

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import health, jobs, keys, models, nets, predict, summary
+from app.api import compare, health, jobs, keys, models, nets, predict, summary
 from app.api.limits import install_limits
 from app.config import Settings, get_settings
 from app.db import session_factory
@@ -164,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         predict.router,
         keys.router,
+        compare.router,
     ):
         app.include_router(router)
     return app

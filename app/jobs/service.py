@@ -20,6 +20,7 @@ from app.auth import Principal
 from app.config import Settings
 from app.db import rowcount
 from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound, JobTooLarge
+from app.ml.params import LEVER_FIELDS
 from app.models import EpochMetric, Evaluation, Job
 from app.quotas import check_job_quota
 from app.schemas import JobCreate
@@ -36,6 +37,7 @@ PARAMETER_FIELDS = (
     "train_limit",
     "model_name",
     "precision",
+    *LEVER_FIELDS,
 )
 # A job row is re-read at most this often when a worker keeps changing it under a cancel.
 _CANCEL_ATTEMPTS = 5
