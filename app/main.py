@@ -14,10 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from app.api import health, jobs, models, nets, predict, summary
+from app.api import events, health, jobs, metrics, models, nets, predict, summary
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import error_body, install_error_handlers
+from app.metrics import predict_middleware
 from app.services.registry import ModelNotFound
 from app.states import InvalidTransition, is_terminal
 
@@ -78,14 +79,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessionmaker = sessions
     install_error_handlers(app)
+    app.middleware("http")(predict_middleware)
     _install_domain_handlers(app)
     for router in (
         health.router,
         nets.router,
         summary.router,
         jobs.router,
+        events.router,
         models.router,
         predict.router,
+        metrics.router,
     ):
         app.include_router(router)
     return app

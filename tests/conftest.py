@@ -46,7 +46,7 @@ PG_HOST = "127.0.0.1"
 PG_PORT = 5432
 PG_USER = "postgres"
 REDIS_DB = 11
-TABLES = ("model_aliases", "evaluations", "epochs", "model_versions", "jobs")
+TABLES = ("job_events", "model_aliases", "evaluations", "epochs", "model_versions", "jobs")
 
 
 def _admin() -> psycopg.Connection:

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, inspect, text
 from app.migrate import downgrade, upgrade
 from app.models import Base
 
-TABLES = {"jobs", "epochs", "evaluations", "model_versions", "model_aliases"}
+TABLES = {"jobs", "epochs", "evaluations", "model_versions", "model_aliases", "job_events"}
 
 
 def tables(url: str) -> set[str]:
@@ -50,7 +50,7 @@ def test_postgresql_upgrade_head_then_downgrade_base(empty_pg):
                 for table in TABLES
                 for fk in inspect(conn).get_foreign_keys(table)
             }
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002_job_events"
     finally:
         engine.dispose()
     # Both sides of the jobs <-> model_versions cycle exist.

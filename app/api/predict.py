@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import JsonBody, SessionDep, SettingsDep
 from app.config import Settings
 from app.errors import AppError
+from app.metrics import InstrumentedModelCache, note_predict
 from app.ml.inference import (
     InputError,
     ModelArtifactError,
@@ -110,7 +111,9 @@ def model_cache(app: FastAPI, settings: Settings) -> ModelCache:
         with _cache_lock:
             cache = getattr(app.state, "model_cache", None)
             if cache is None:
-                cache = ModelCache(settings.MODEL_CACHE_SIZE, artifact_dir=settings.artifact_dir)
+                cache = InstrumentedModelCache(
+                    settings.MODEL_CACHE_SIZE, artifact_dir=settings.artifact_dir
+                )
                 app.state.model_cache = cache
     return cache
 
@@ -149,6 +152,7 @@ def _serve(
     row = _resolve(session, options)
     # The version is resolved on every request, so a moved alias is seen by the next one.
     name, version = row.name, row.version
+    note_predict(model=name)
     session.close()  # release the connection before the (possibly long) load and forward pass
     try:
         predictor = cache.get(row)
@@ -230,6 +234,7 @@ def _predict_json(
                 '([{"b64": ...}])',
                 422,
             )
+        note_predict(input_form="b64" if images is not None else "instances")
         if images is not None:
             batch = _images_batch(images, options.resize, settings.PREDICT_MAX_INSTANCES)
         else:

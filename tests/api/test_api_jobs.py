@@ -151,12 +151,14 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
         waiting = 0
         while waiting == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-            waiting = holder.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-            ).scalar_one()
+            # A fresh session each time: pg_stat_activity is a snapshot per transaction.
+            with session_factory() as watcher:
+                waiting = watcher.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )
+                ).scalar_one()
         assert waiting == 1, "the API's INSERT never blocked on the unique key"
         holder.commit()
     finally:
