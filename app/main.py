@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from app.api import events, health, jobs, metrics, models, nets, predict, summary
+from app.api import dashboard, events, health, jobs, metrics, models, nets, predict, summary
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import error_body, install_error_handlers
@@ -92,4 +92,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.router,
     ):
         app.include_router(router)
+    dashboard.install(app)
     return app
