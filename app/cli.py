@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,9 +142,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(_: argparse.Namespace) -> int:
-    from worker.run import run_worker
-
-    return run_worker(get_settings()) or 0
+    # The worker's entry point lives in the `worker` package, which app/ never imports:
+    # this process becomes `python -m worker.run` (same pid, environment and settings).
+    os.execv(sys.executable, [sys.executable, "-m", "worker.run"])
 
 
 def _cmd_migrate(_: argparse.Namespace) -> int:

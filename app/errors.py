@@ -1,32 +1,197 @@
-"""One error type and one JSON body for every failure: {"error": {"code", "message"}}.
+"""One error model: domain exceptions, the one code -> HTTP status table, the handlers.
 
-Codes are stable symbolic strings that clients can switch on; messages say what was
-wrong and what was expected, and never echo the request payload back.
+Services, the job runner and `app.ml` raise subclasses of `DomainError`. They know nothing
+of HTTP: each carries a stable symbolic `code` (what clients switch on) and a message that
+says what was wrong and what was expected, never echoing the request payload back.
+`STATUS` is the only place that turns a code into an HTTP status, and
+`install_error_handlers` renders every failure as {"error": {"code", "message"}}.
+
+FastAPI is imported only inside `install_error_handlers`, so `app.ml` and the worker can
+import the exceptions without pulling in the web stack. docs/architecture.md lists every
+code with its status and when it is sent.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+
+    from app.states import JobStatus
+
+log = logging.getLogger(__name__)
+
+# The one table from error code to HTTP status. A code missing here answers 500.
+STATUS: dict[str, int] = {
+    # the request itself
+    "bad_json": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "too_many_instances": 413,
+    "unsupported_media_type": 415,
+    "validation_error": 422,
+    # prediction input (InputError)
+    "empty_batch": 422,
+    "bad_shape": 422,
+    "bad_value": 422,
+    "bad_range": 422,
+    "not_finite": 422,
+    "bad_image": 422,
+    "image_size": 422,
+    "bad_base64": 422,
+    # jobs
+    "job_not_found": 404,
+    "no_evaluation": 404,
+    "no_history": 404,
+    "idempotency_key_reused": 422,
+    "job_terminal": 409,
+    "invalid_transition": 409,
+    # nets, models and artifacts
+    "unknown_net": 404,
+    "model_not_found": 404,
+    "artifact_missing": 404,
+    "model_unavailable": 503,
+    # the service
+    "database_unavailable": 503,
+    "internal_error": 500,
+}
 
 
-class AppError(Exception):
-    """An error the client can act on; `status` is the HTTP status to answer with."""
+class DomainError(Exception):
+    """An error a client can act on. `code` is a key of STATUS; the class sets its default."""
+
+    code: str = "internal_error"
 
     def __init__(
-        self, code: str, message: str, status: int = 400, details: dict[str, Any] | None = None
+        self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None
     ) -> None:
         super().__init__(message)
-        self.code = code
         self.message = message
-        self.status = status
+        if code is not None:
+            self.code = code
         self.details = details
 
+    @property
+    def status(self) -> int:
+        return status_of(self.code)
 
+
+def status_of(code: str) -> int:
+    return STATUS.get(code, 500)
+
+
+# ----------------------------------------------------------------------------- requests
+class RequestInvalid(DomainError):
+    """The request is malformed in a way the schema cannot express (422 validation_error)."""
+
+    code = "validation_error"
+
+
+class UnsupportedMediaType(DomainError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(DomainError):
+    code = "too_large"
+
+
+class InputError(DomainError, ValueError):
+    """Prediction input the client can fix; `code` says which rule it broke (bad_shape, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+
+
+# ----------------------------------------------------------------------------- jobs
+class JobNotFound(DomainError):
+    code = "job_not_found"
+
+
+class EvaluationNotFound(DomainError):
+    """The job exists but has no test-set evaluation yet."""
+
+    code = "no_evaluation"
+
+
+class HistoryNotFound(DomainError):
+    """The job exists but has not finished an epoch yet."""
+
+    code = "no_history"
+
+
+class IdempotencyConflict(DomainError):
+    """An Idempotency-Key was reused with different parameters."""
+
+    code = "idempotency_key_reused"
+
+
+class InvalidTransition(DomainError):
+    """A status change the state machine (app.states.ALLOWED) does not allow.
+
+    `job_terminal` when the job already finished (nothing can change it any more),
+    `invalid_transition` for any other refused change.
+    """
+
+    def __init__(self, current: JobStatus, target: JobStatus) -> None:
+        from app.states import is_terminal
+
+        self.current = current
+        self.target = target
+        if is_terminal(current):
+            super().__init__(
+                f"the job is already {current} and can no longer change", code="job_terminal"
+            )
+        else:
+            super().__init__(
+                f"job is '{current}', it cannot become '{target}'", code="invalid_transition"
+            )
+
+
+# ----------------------------------------------------------------------------- models
+class UnknownNet(DomainError):
+    code = "unknown_net"
+
+
+class ModelNotFound(DomainError, LookupError):
+    """No registered name, version or alias matches the request."""
+
+    code = "model_not_found"
+
+
+class ArtifactMissing(DomainError):
+    """A registered version whose artifact file is gone from the store."""
+
+    code = "artifact_missing"
+
+
+class ModelArtifactError(DomainError, RuntimeError):
+    """The registered artifact cannot be served (missing, unreadable, or not a CIFAR-10 model)."""
+
+    code = "model_unavailable"
+
+
+class ModelIntegrityError(ModelArtifactError):
+    """The artifact's sha256 differs from the registered one: the file is never loaded."""
+
+
+class ModelUnavailable(DomainError):
+    """A model version is registered but cannot be served now (see ModelArtifactError)."""
+
+    code = "model_unavailable"
+
+
+# ----------------------------------------------------------------------------- service
+class DatabaseUnavailable(DomainError):
+    code = "database_unavailable"
+
+
+# ----------------------------------------------------------------------------- rendering
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
@@ -47,32 +212,45 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[st
     return message, fields
 
 
+# Starlette's own HTTP errors (unknown route, wrong method, ...) by status.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error through error_body so clients see one shape."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from sqlalchemy.exc import OperationalError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    @app.exception_handler(AppError)
-    async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status)
+    def render(code: str, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
+        return JSONResponse(error_body(code, message, details), status_code=status_of(code))
+
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        return render(exc.code, exc.message, exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, fields = _describe_validation(exc)
-        return JSONResponse(
-            error_body("validation_error", message, {"fields": fields}), status_code=422
+        return render("validation_error", message, {"fields": fields})
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        # Connection refused, server gone, SQLite locked: worth a retry, not a 500.
+        log.warning("database error: %s", exc.orig)
+        return render(
+            "database_unavailable", f"the database does not answer ({type(exc.orig).__name__})"
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}.get(
-            exc.status_code, "http_error"
-        )
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
         return JSONResponse(
             error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            error_body("internal_error", f"unexpected server error ({type(exc).__name__})"),
-            status_code=500,
-        )
+        return render("internal_error", f"unexpected server error ({type(exc).__name__})")

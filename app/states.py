@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from app.errors import InvalidTransition as InvalidTransition
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -32,15 +34,6 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
 }
-
-
-class InvalidTransition(Exception):
-    """Raised when a status change is not in ALLOWED (e.g. cancelling a finished job)."""
-
-    def __init__(self, current: JobStatus, target: JobStatus) -> None:
-        super().__init__(f"job is '{current}', it cannot become '{target}'")
-        self.current = current
-        self.target = target
 
 
 def is_terminal(status: JobStatus | str) -> bool:

@@ -18,7 +18,7 @@ Fixtures (all lazy: a test that uses none of them never touches PostgreSQL or Re
 - ``add_epochs`` (function): ``add_epochs(job_id, n, start=1) -> list[dict]`` writes n epoch
   rows with decreasing loss and returns them as dicts.
 - ``register_model`` (function): ``register_model(name="net1", content=b"...", **kw)`` writes a
-  file under the artifact folder and registers it with app.services.registry; returns the
+  file under the artifact folder and registers it with app.registry.versions; returns the
   ModelVersion.
 - ``expect_error`` (function): ``expect_error(response, status, code) -> dict`` asserts the
   status and the common error body ``{"error": {"code", "message"}}`` and returns the inner dict.
@@ -228,7 +228,7 @@ def add_epochs(clean_db: None, session_factory: sessionmaker[Session]) -> Callab
 def register_model(
     clean_db: None, settings: Any, session_factory: sessionmaker[Session]
 ) -> Callable[..., Any]:
-    from app.services import registry
+    from app.registry import versions as registry
 
     def register(
         name: str = "net1",

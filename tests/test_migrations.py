@@ -50,7 +50,10 @@ def test_postgresql_upgrade_head_then_downgrade_base(empty_pg):
                 for table in TABLES
                 for fk in inspect(conn).get_foreign_keys(table)
             }
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002_job_events"
+            assert (
+                conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                == "0002_job_events"
+            )
     finally:
         engine.dispose()
     # Both sides of the jobs <-> model_versions cycle exist.

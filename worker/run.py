@@ -13,7 +13,7 @@ import socket
 import sys
 
 from app.config import Settings, get_settings
-from worker.celery_app import create_celery
+from app.jobs.queue import create_celery
 
 
 def worker_hostname(settings: Settings) -> str:

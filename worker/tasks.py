@@ -16,11 +16,11 @@ import logging
 import threading
 from typing import Any
 
-from celery import Task, shared_task, signals
+from celery import Celery, Task, shared_task, signals
 from celery.exceptions import Reject
 
 from app.config import Settings, get_settings
-from worker.celery_app import SWEEP_TASK, TRAIN_TASK, create_celery
+from app.jobs.queue import SWEEP_TASK, TRAIN_TASK, create_celery
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,25 @@ def current_settings() -> Settings:
     return _settings or get_settings()
 
 
-# `celery -A worker.tasks` finds this app; worker.run builds its own from explicit settings.
-celery_app = create_celery()
+_celery_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Celery:
+    """`celery -A worker.tasks` looks up `worker.tasks.app`: build that app on first use, so
+    importing this module creates no app and no broker folder (worker.run builds its own
+    from explicit settings)."""
+    global _celery_app
+    if name in ("app", "celery_app"):
+        if _celery_app is None:
+            _celery_app = create_celery(current_settings())
+        return _celery_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @shared_task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def train_job(self: Task, job_id: str) -> str:
     """Claim and run one training job; a duplicate delivery returns at once."""
-    from app.training_job import run_job
+    from app.jobs.runner import run_job
 
     if shutdown_requested.is_set():
         # Celery's loop takes one more message after a warm shutdown began: hand it back
@@ -63,7 +74,7 @@ def train_job(self: Task, job_id: str) -> str:
 @shared_task(name=SWEEP_TASK)
 def sweep_jobs() -> dict[str, list[str]]:
     """One sweep (for celery beat or a manual `celery call`); workers also sweep by themselves."""
-    from worker.sweeper import sweep_once
+    from app.jobs.sweeper import sweep_once
 
     report = sweep_once(current_settings())
     return {key: [str(i) for i in ids] for key, ids in vars(report).items()}
@@ -72,7 +83,7 @@ def sweep_jobs() -> dict[str, list[str]]:
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
     global _sweeper
-    from worker.sweeper import Sweeper
+    from app.jobs.sweeper import Sweeper
 
     _sweeper = Sweeper(current_settings())
     _sweeper.start()

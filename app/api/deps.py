@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import AppError
+from app.errors import UnsupportedMediaType
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -38,11 +38,9 @@ def require_json(request: Request) -> None:
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
-        raise AppError(
-            "unsupported_media_type",
+        raise UnsupportedMediaType(
             f"the request body must be JSON sent with Content-Type: application/json "
-            f"(got {media[:100] or 'no content type'})",
-            415,
+            f"(got {media[:100] or 'no content type'})"
         )
 
 

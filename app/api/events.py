@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep
 from app.events import last_event_id, parse_last_event_id, read_events
-from app.services import jobs as job_service
+from app.jobs import service as job_service
 from app.states import is_terminal
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.deps import SessionDep
-from app.errors import AppError
+from app.errors import DatabaseUnavailable
 from app.schemas import HealthPublic
 
 router = APIRouter(tags=["health"])
@@ -34,11 +34,7 @@ def health(session: SessionDep) -> HealthPublic:
         session.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         log.warning("health check: database unavailable: %s", exc)
-        raise AppError(
-            "database_unavailable",
-            f"the database does not answer ({type(exc).__name__})",
-            503,
-        ) from exc
+        raise DatabaseUnavailable(f"the database does not answer ({type(exc).__name__})") from exc
     return HealthPublic(
         status="ok",
         database="ok",

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import JsonBody, SessionDep, SettingsDep
-from app.errors import AppError
+from app.errors import HistoryNotFound
+from app.jobs import queue
+from app.jobs import service as job_service
 from app.ml.analysis import analyse
 from app.ml.nets import CLASS_NAMES
 from app.schemas import (
@@ -23,8 +25,6 @@ from app.schemas import (
     JobList,
     JobPublic,
 )
-from app.services import dispatch
-from app.services import jobs as job_service
 from app.states import JobStatus, is_terminal
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -61,7 +61,7 @@ def submit_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     job, created = job_service.create_job(session, body, idempotency_key)
-    if created and dispatch.enqueue_training(settings, job.id):
+    if created and queue.enqueue_training(settings, job.id):
         job_service.mark_enqueued(session, job.id)
     elif not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -125,9 +125,7 @@ def job_history_png(job_id: uuid.UUID, session: SessionDep) -> Response:
     job = job_service.get_job(session, job_id)
     epochs = _epoch_dicts(session, job_id)
     if not epochs:
-        raise AppError(
-            "no_history", f"job {job_id} has no finished epoch yet (status {job.status})", 404
-        )
+        raise HistoryNotFound(f"job {job_id} has no finished epoch yet (status {job.status})")
     png = history_png(epochs, title=f"{job.net}: job {job.id} ({job.status})")
     # The curves grow while the job runs; only a finished job's picture is stable.
     cache = "max-age=3600" if is_terminal(job.status) else "no-store"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter
@@ -12,8 +11,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.deps import JsonBody, SessionDep, SettingsDep
-from app.errors import AppError
+from app.errors import ArtifactMissing, ModelNotFound
 from app.models import ModelVersion
+from app.registry import versions as registry
+from app.registry.store import LocalArtifactStore
 from app.schemas import (
     ALIAS_PATTERN,
     INT32_MAX,
@@ -25,7 +26,6 @@ from app.schemas import (
     ModelVersionPublic,
     RegisteredModelPublic,
 )
-from app.services import registry
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -52,16 +52,13 @@ def _public(row: ModelVersion, aliases: dict[str, int]) -> ModelVersionPublic:
 def _versions_or_404(session: Session, name: str) -> list[ModelVersion]:
     versions = registry.list_versions(session, name)
     if not versions:
-        raise AppError("unknown_model", f"no registered model named {name!r}", 404)
+        raise ModelNotFound(f"no registered model named {name!r}")
     return versions
 
 
 def _version_or_404(session: Session, name: str, version: int) -> ModelVersion:
     _versions_or_404(session, name)
-    try:
-        return registry.get_version(session, name, version)
-    except registry.ModelNotFound as exc:
-        raise AppError("unknown_version", str(exc), 404) from exc
+    return registry.get_version(session, name, version)
 
 
 @router.get("", response_model=ModelList)
@@ -85,7 +82,7 @@ def list_models(session: SessionDep) -> ModelList:
 @router.get(
     "/{name}",
     response_model=RegisteredModelPublic,
-    responses={404: {"description": "No such registered name (`unknown_model`)."}},
+    responses={404: {"description": "No such registered name (`model_not_found`)."}},
 )
 def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
     versions = _versions_or_404(session, name)
@@ -102,7 +99,7 @@ def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
     "/{name}/aliases/{alias}",
     response_model=AliasPublic,
     dependencies=[JsonBody],
-    responses={404: {"description": "No such name or version."}},
+    responses={404: {"description": "No such name or version (`model_not_found`)."}},
 )
 def set_alias(name: Name, alias: Alias, body: AliasUpdate, session: SessionDep) -> AliasPublic:
     """Point `name@alias` at a version; moving an alias is one UPDATE, never a gap."""
@@ -130,13 +127,9 @@ def download_artifact(
     name: Name, version: Version, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
     row = _version_or_404(session, name, version)
-    path = Path(row.artifact_path)
-    if not path.is_absolute():
-        path = settings.artifact_dir / path
+    path = LocalArtifactStore.from_settings(settings).local_path(row.artifact_path)
     if not path.is_file():
-        raise AppError(
-            "artifact_missing", f"the artifact file of {name} version {version} is missing", 404
-        )
+        raise ArtifactMissing(f"the artifact file of {name} version {version} is missing")
     return FileResponse(
         path,
         media_type="application/octet-stream",

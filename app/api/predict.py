@@ -23,13 +23,18 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JsonBody, SessionDep, SettingsDep
 from app.config import Settings
-from app.errors import AppError
-from app.metrics import InstrumentedModelCache, note_predict
-from app.ml.inference import (
+from app.errors import (
     InputError,
     ModelArtifactError,
-    ModelCache,
     ModelIntegrityError,
+    ModelUnavailable,
+    PayloadTooLarge,
+    RequestInvalid,
+    UnsupportedMediaType,
+)
+from app.metrics import InstrumentedModelCache, note_predict
+from app.ml.inference import (
+    ModelCache,
     decode_b64,
     decode_image,
     gc_paused,
@@ -40,8 +45,8 @@ from app.ml.inference import (
 )
 from app.ml.nets import CLASS_NAMES
 from app.models import ModelVersion
+from app.registry import versions as registry
 from app.schemas import ALIAS_PATTERN, INT32_MAX, MODEL_NAME_PATTERN
-from app.services import registry
 
 router = APIRouter(tags=["predict"])
 log = logging.getLogger(__name__)
@@ -118,11 +123,6 @@ def model_cache(app: FastAPI, settings: Settings) -> ModelCache:
     return cache
 
 
-def _input_error(exc: InputError, where: str = "") -> AppError:
-    status = {"too_many_instances": 413, "bad_json": 400}.get(exc.code, 422)
-    return AppError(exc.code, f"{where}{exc.message}", status)
-
-
 def _options(fields: dict[str, Any]) -> PredictOptions:
     try:
         options = PredictOptions.model_validate(fields)
@@ -130,19 +130,12 @@ def _options(fields: dict[str, Any]) -> PredictOptions:
         # Rendered by the app's handler as 422 validation_error naming each field.
         raise RequestValidationError(exc.errors(include_input=False)) from None
     if options.version is not None and options.alias is not None:
-        raise AppError(
-            "validation_error", "give either 'version' or 'alias' (or neither for the latest)", 422
-        )
+        raise RequestInvalid("give either 'version' or 'alias' (or neither for the latest)")
     return options
 
 
 def _resolve(session: Session, options: PredictOptions) -> ModelVersion:
-    try:
-        return registry.resolve(
-            session, options.model, version=options.version, alias=options.alias
-        )
-    except registry.ModelNotFound as exc:
-        raise AppError("model_not_found", str(exc), 404) from None
+    return registry.resolve(session, options.model, version=options.version, alias=options.alias)
 
 
 def _serve(
@@ -158,19 +151,15 @@ def _serve(
         predictor = cache.get(row)
     except ModelIntegrityError as exc:
         log.error("refusing to serve %s v%s: %s", name, version, exc)
-        raise AppError(
-            "model_unavailable",
+        raise ModelUnavailable(
             f"model {name!r} version {version} cannot be served: its artifact does not match "
-            "the registered sha256",
-            503,
+            "the registered sha256"
         ) from None
     except ModelArtifactError as exc:
         log.error("cannot serve %s v%s: %s", name, version, exc)
-        raise AppError(
-            "model_unavailable",
+        raise ModelUnavailable(
             f"model {name!r} version {version} cannot be served: its artifact is missing or "
-            "cannot be loaded",
-            503,
+            "cannot be loaded"
         ) from None
     return {
         "model": {"name": name, "version": version},
@@ -181,31 +170,26 @@ def _serve(
 
 def _images_batch(images: Any, resize: bool, max_instances: int) -> np.ndarray:
     if not isinstance(images, list):
-        raise AppError(
-            "validation_error",
-            '\'images\' must be a list of {"b64": "<standard base64 PNG or JPEG>"} objects',
-            422,
+        raise RequestInvalid(
+            '\'images\' must be a list of {"b64": "<standard base64 PNG or JPEG>"} objects'
         )
     if not images:
-        raise AppError("empty_batch", "'images' is empty; send at least one image", 422)
+        raise InputError("empty_batch", "'images' is empty; send at least one image")
     if len(images) > max_instances:
-        raise AppError(
+        raise InputError(
             "too_many_instances",
             f"at most {max_instances} images per request; got {len(images)}. Split the batch.",
-            413,
         )
     decoded = []
     for i, item in enumerate(images):
         if not isinstance(item, dict) or set(item) != {"b64"}:
-            raise AppError(
-                "validation_error",
-                f'images[{i}] must be an object {{"b64": "<standard base64 PNG or JPEG>"}}',
-                422,
+            raise RequestInvalid(
+                f'images[{i}] must be an object {{"b64": "<standard base64 PNG or JPEG>"}}'
             )
         try:
             decoded.append(decode_b64(item["b64"], resize=resize))
         except InputError as exc:
-            raise _input_error(exc, f"images[{i}]: ") from None
+            raise InputError(exc.code, f"images[{i}]: {exc.message}") from None
     return images_to_batch(decoded)
 
 
@@ -214,34 +198,24 @@ def _predict_json(
 ) -> dict[str, Any]:
     # The pixel lists live only inside the GC pause: see app.ml.inference._GcPause.
     with gc_paused():
-        try:
-            data = parse_json(body)
-        except InputError as exc:
-            raise _input_error(exc) from None
+        data = parse_json(body)
         if not isinstance(data, dict):
-            raise AppError(
-                "validation_error",
-                "the body must be a JSON object with 'model' and either 'instances' or 'images'",
-                422,
+            raise RequestInvalid(
+                "the body must be a JSON object with 'model' and either 'instances' or 'images'"
             )
         instances = data.pop("instances", None)
         images = data.pop("images", None)
         options = _options(data)
         if (instances is None) == (images is None):
-            raise AppError(
-                "validation_error",
+            raise RequestInvalid(
                 "give exactly one of 'instances' (nested lists of pixel values) or 'images' "
-                '([{"b64": ...}])',
-                422,
+                '([{"b64": ...}])'
             )
         note_predict(input_form="b64" if images is not None else "instances")
         if images is not None:
             batch = _images_batch(images, options.resize, settings.PREDICT_MAX_INSTANCES)
         else:
-            try:
-                batch = instances_to_batch(instances, settings.PREDICT_MAX_INSTANCES)
-            except InputError as exc:
-                raise _input_error(exc) from None
+            batch = instances_to_batch(instances, settings.PREDICT_MAX_INSTANCES)
         del data, instances, images
     return _serve(session, cache, options, batch)
 
@@ -272,11 +246,9 @@ async def predict(request: Request, session: SessionDep, settings: SettingsDep) 
 def require_multipart(request: Request) -> None:
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "multipart/form-data":
-        raise AppError(
-            "unsupported_media_type",
+        raise UnsupportedMediaType(
             "POST /predict/image takes a multipart/form-data upload with a 'file' field "
-            f"(got {media[:100] or 'no content type'}); send JSON to POST /predict",
-            415,
+            f"(got {media[:100] or 'no content type'}); send JSON to POST /predict"
         )
 
 
@@ -299,10 +271,8 @@ async def predict_image(
     options = _options({"model": model, "version": version, "alias": alias, "resize": resize})
     data = await file.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
-        raise AppError(
-            "too_large",
-            f"the upload is larger than {MAX_UPLOAD_BYTES} bytes; send a 32x32 image",
-            413,
+        raise PayloadTooLarge(
+            f"the upload is larger than {MAX_UPLOAD_BYTES} bytes; send a 32x32 image"
         )
 
     cache = model_cache(request.app, settings)
@@ -312,8 +282,5 @@ async def predict_image(
 def _predict_upload(
     data: bytes, session: Session, cache: ModelCache, options: PredictOptions
 ) -> dict[str, Any]:
-    try:
-        batch = images_to_batch([decode_image(data, resize=options.resize)])
-    except InputError as exc:
-        raise _input_error(exc) from None
+    batch = images_to_batch([decode_image(data, resize=options.resize)])
     return _serve(session, cache, options, batch)

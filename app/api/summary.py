@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.errors import AppError
+from app.errors import UnknownNet
 from app.ml.nets import NETS
 from app.schemas import SummaryPublic
 
@@ -29,10 +29,7 @@ def _summary(net: str) -> dict[str, Any]:
 )
 def net_summary(net: str) -> dict[str, Any]:
     if net not in NETS:
-        raise AppError(
-            "unknown_net",
-            f"unknown net; known nets: {', '.join(NETS)}",
-            404,
-            details={"known": list(NETS)},
+        raise UnknownNet(
+            f"unknown net; known nets: {', '.join(NETS)}", details={"known": list(NETS)}
         )
     return _summary(net)

@@ -23,6 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
+# The errors are domain errors (app.errors), re-exported here for the callers of this module.
+from app.errors import InputError as InputError
+from app.errors import ModelArtifactError as ModelArtifactError
+from app.errors import ModelIntegrityError as ModelIntegrityError
+
 # normalise is the training data's own scaling, so served inputs match what the net saw.
 from app.ml.data import normalise
 from app.ml.nets import CLASS_NAMES, INPUT_SHAPE, NUM_CLASSES
@@ -33,24 +38,6 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_RESIZE_PIXELS = 4096 * 4096
 _SHAPE_TEXT = "x".join(str(d) for d in INPUT_SHAPE)
 _BATCH_TEXT = "(N, " + ", ".join(str(d) for d in INPUT_SHAPE) + ")"
-
-
-class InputError(ValueError):
-    """Input the client can fix; `code` is a stable symbolic name, the message says what
-    was expected and what came (never the payload itself)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class ModelArtifactError(RuntimeError):
-    """The registered artifact cannot be served (missing, unreadable, or not a CIFAR-10 model)."""
-
-
-class ModelIntegrityError(ModelArtifactError):
-    """The artifact's sha256 differs from the registered one: the file is never loaded."""
 
 
 # ---------------------------------------------------------------------------- input decoding

@@ -50,7 +50,7 @@ def test_the_same_epoch_of_another_job_is_its_own_row(make_job, session_factory)
 
 
 def test_record_epoch_twice_keeps_one_row_and_the_first_values(client, make_job, session_factory):
-    from app.services.execution import record_epoch
+    from app.jobs.execution import record_epoch
 
     job = make_job("running", epochs=3)
     record = {

@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select, text
 
+from app.jobs.queue import TRAIN_TASK
 from app.main import create_app
 from app.ml.nets import CLASS_NAMES, NETS
 from app.models import Evaluation, Job
-from worker.celery_app import TRAIN_TASK
 
 SEED_DEFAULTS = {
     "epochs": 20,
@@ -151,14 +151,15 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
         waiting = 0
         while waiting == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-            # A fresh session each time: pg_stat_activity is a snapshot per transaction.
-            with session_factory() as watcher:
-                waiting = watcher.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                    )
-                ).scalar_one()
+            # pg_stat_activity is read once per transaction and then cached: drop the cache,
+            # or a first look taken before the API connected is all this loop ever sees.
+            holder.execute(text("SELECT pg_stat_clear_snapshot()"))
+            waiting = holder.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one()
         assert waiting == 1, "the API's INSERT never blocked on the unique key"
         holder.commit()
     finally:

@@ -56,11 +56,11 @@ def test_model_detail_lists_versions_with_metrics_and_aliases(client, register_m
 
 
 def test_unknown_model_is_404(client, expect_error):
-    expect_error(client.get("/models/nobody"), 404, "unknown_model")
+    expect_error(client.get("/models/nobody"), 404, "model_not_found")
     expect_error(
-        client.put("/models/nobody/aliases/production", json={"version": 1}), 404, "unknown_model"
+        client.put("/models/nobody/aliases/production", json={"version": 1}), 404, "model_not_found"
     )
-    expect_error(client.get("/models/nobody/versions/1/artifact"), 404, "unknown_model")
+    expect_error(client.get("/models/nobody/versions/1/artifact"), 404, "model_not_found")
 
 
 def test_alias_moves_in_place(client, register_model, session_factory):
@@ -85,7 +85,7 @@ def test_alias_to_a_missing_version_is_404_and_changes_nothing(
     register_model("eps", b"e1")
     client.put("/models/eps/aliases/production", json={"version": 1})
     error = expect_error(
-        client.put("/models/eps/aliases/production", json={"version": 3}), 404, "unknown_version"
+        client.put("/models/eps/aliases/production", json={"version": 3}), 404, "model_not_found"
     )
     assert "3" in error["message"]
     assert client.get("/models/eps").json()["aliases"] == {"production": 1}
@@ -133,7 +133,7 @@ def test_artifact_download(client, register_model):
 
 def test_artifact_of_missing_version_or_file_is_404(client, register_model, expect_error):
     row = register_model("iota", b"i1")
-    expect_error(client.get("/models/iota/versions/2/artifact"), 404, "unknown_version")
+    expect_error(client.get("/models/iota/versions/2/artifact"), 404, "model_not_found")
     Path(row.artifact_path).unlink()
     expect_error(client.get("/models/iota/versions/1/artifact"), 404, "artifact_missing")
     expect_error(client.get("/models/iota/versions/0/artifact"), 422, "validation_error")

@@ -137,7 +137,7 @@ def test_batches_answer_per_instance_like_the_model(client, register_model, tiny
 
 
 def test_latest_version_and_alias_resolution(client, register_model, tiny_models, session_factory):
-    from app.services import registry
+    from app.registry import versions as registry
 
     (c1, m1), (c2, m2) = tiny_models
     register_model("pair", c1)

@@ -26,7 +26,7 @@ from app.config import Settings
 from app.db import session_factory
 from app.migrate import upgrade
 from app.models import EpochMetric, Job
-from app.services.artifacts import ArtifactStore, file_digest
+from app.registry.store import LocalArtifactStore, file_digest
 
 from .conftest import DATA_CACHE, FAST_ROBUSTNESS, Api, Processes, free_port, wait_api, wait_for
 
@@ -128,7 +128,7 @@ def test_job_trains_through_http_on_a_celery_worker(stack: Stack, processes: Pro
     stack.api.check_finished_job(done, 2, cifar10)
 
     # The registered artifact is the .keras file the registry describes.
-    store = ArtifactStore(stack.settings.artifact_dir)
+    store = LocalArtifactStore(stack.settings.artifact_dir)
     version = done["model_version"]
     path = store.model_path(version["name"], version["version"])
     detail = stack.api.http.get(f"/models/{version['name']}").json()
@@ -149,7 +149,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint(stack: Stack, proce
 
     # Killed during epoch 2: neither its row nor its checkpoint exists.
     assert [row.epoch for row in stack.epoch_rows(job_id)] == [1]
-    store = ArtifactStore(stack.settings.artifact_dir)
+    store = LocalArtifactStore(stack.settings.artifact_dir)
     assert checkpoint_epoch(store.checkpoint_dir(job_id)) == 1
     first_worker = stack.job_row(job_id).worker
 
@@ -184,7 +184,9 @@ def test_cancel_stops_a_running_fit_and_a_queued_job_never_runs(stack: Stack, pr
     epochs = stack.api.epochs(running["id"])
     assert epochs == list(range(1, len(epochs) + 1)) and 1 <= len(epochs) < 50
     assert done["model_version"] is None and done["finished_at"] is not None
-    assert not ArtifactStore(stack.settings.artifact_dir).checkpoint_dir(running["id"]).exists()
+    assert (
+        not LocalArtifactStore(stack.settings.artifact_dir).checkpoint_dir(running["id"]).exists()
+    )
 
     never = stack.api.job(queued["id"])
     assert never["status"] == "cancelled"

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app.client import ApiClient, ServerEvent
-from app.services import execution
+from app.jobs import execution
 
 from .conftest import Processes, free_port
 

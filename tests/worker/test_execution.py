@@ -1,7 +1,7 @@
 """The worker's database side on the real PostgreSQL: claim, fencing, epochs, finish, sweep.
 
 Fast (no TensorFlow): every test writes job rows in a given state and calls
-app.services.execution directly, the way the worker does.
+app.jobs.execution directly, the way the worker does.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
+from app.jobs import execution
+from app.jobs.execution import ClaimOutcome
+from app.jobs.service import cancel_job
+from app.jobs.sweeper import send_training
 from app.models import EpochMetric, Evaluation, Job, ModelVersion
-from app.services import execution
-from app.services.artifacts import ArtifactStore, StoredArtifact, file_digest
-from app.services.execution import ClaimOutcome
-from app.services.jobs import cancel_job
-from worker.sweeper import send_training
+from app.registry.store import LocalArtifactStore, StoredArtifact, file_digest
 
 
 def _now() -> datetime:
@@ -232,7 +232,7 @@ def test_requeue_on_shutdown_gives_the_attempt_back(make_job, session_factory, s
 
 
 def test_finish_succeeded_registers_the_next_version(make_job, session_factory, settings):
-    store = ArtifactStore(settings.artifact_dir)
+    store = LocalArtifactStore(settings.artifact_dir)
     jobs = [make_job("queued", model_name="reg-test") for _ in range(2)]
     versions = []
     for i, job in enumerate(jobs):
@@ -288,7 +288,9 @@ def test_finish_succeeded_registers_the_next_version(make_job, session_factory, 
         row = _job(session_factory, job.id)
         assert (row.status, row.model_version_id, row.device) == ("succeeded", version.id, "CPU")
         path = store.model_path("reg-test", version.version)
-        assert version.artifact_path == str(path)
+        # Stored relative to the store's root (issue 7), so the store can move.
+        assert version.artifact_path == f"models/reg-test/{version.version}/model.keras"
+        assert store.local_path(version.artifact_path) == path
         assert path.read_bytes() == f"model bytes {i}".encode()
         assert file_digest(path) == (version.sha256, version.size_bytes)
         with session_factory() as session:

@@ -2,10 +2,10 @@
 
 from sqlalchemy import select
 
+from app.jobs.runner import Outcome, run_job
 from app.ml.training import TrainConfig, checkpoint_records, train
 from app.models import EpochMetric, Job
-from app.services.artifacts import ArtifactStore
-from app.training_job import Outcome, run_job
+from app.registry.store import LocalArtifactStore
 
 from .conftest import DATA_CACHE
 
@@ -20,7 +20,7 @@ def test_epochs_checkpointed_but_never_stored_are_refilled_then_training_resumes
         status="queued", net="net1", epochs=3, batch_size=64, train_limit=400, precision="float32"
     )
     # A worker that died right after writing epoch 2's checkpoint, before storing any row.
-    store = ArtifactStore.from_settings(settings)
+    store = LocalArtifactStore.from_settings(settings)
     config = TrainConfig(net="net1", epochs=2, batch_size=64, train_limit=400, precision="float32")
     train(config, cifar10, checkpoint_dir=store.checkpoint_dir(job.id))
     checkpointed = checkpoint_records(store.checkpoint_dir(job.id))

@@ -12,11 +12,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.errors import ModelNotFound as ModelNotFound
 from app.models import ModelAlias, ModelVersion
-
-
-class ModelNotFound(LookupError):
-    """No registered name, version or alias matches the request."""
 
 
 def register_version(

@@ -2,7 +2,7 @@
 
 Every worker sweeps (no separate beat service to deploy or to forget): a deployment that
 can run jobs has at least one worker, and the sweep's conditional UPDATEs make any number
-of concurrent sweepers safe. The sweep is also a task (worker.tasks.sweep_jobs) for
+of concurrent sweepers safe. The sweep is also a task (`SWEEP_TASK` in app.jobs.queue) for
 anyone who prefers celery beat.
 """
 
@@ -14,8 +14,8 @@ import uuid
 
 from app.config import Settings
 from app.db import session_factory
-from app.services import execution
-from app.services.dispatch import enqueue_training
+from app.jobs import execution
+from app.jobs.queue import enqueue_training
 
 log = logging.getLogger(__name__)
 

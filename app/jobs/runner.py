@@ -1,8 +1,8 @@
 """Run one training job end to end: claim it, train with durable progress, finish it.
 
-The glue between the database (app.services.execution), the artifact store and the
+The glue between the database (app.jobs.execution), the artifact store and the
 training core (app.ml). No Celery and no HTTP here, so the same runner works under any
-task queue; worker/tasks.py only hands it a job id. TensorFlow is imported lazily, after
+task queue; the worker's task only hands it a job id. TensorFlow is imported lazily, after
 the claim, so a duplicate delivery is refused without loading it.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -22,9 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import session_factory
+from app.jobs import execution
 from app.models import Job
-from app.services import execution
-from app.services.artifacts import ArtifactStore
+from app.registry.store import LocalArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class _Runner:
         beat: _Heartbeat,
     ) -> None:
         self.settings, self.sessions, self.job, self.attempt = settings, sessions, job, attempt
-        self.store = ArtifactStore.from_settings(settings)
+        self.store = LocalArtifactStore.from_settings(settings)
         self.control = _Control(sessions, job.id, attempt, shutdown, beat)
         self.device = "unknown"
 
@@ -293,10 +294,20 @@ class _Runner:
         self.store.discard_staging(self.job.id)
 
 
+def _out_of_memory_types() -> tuple[type[BaseException], ...]:
+    """MemoryError, and TensorFlow's ResourceExhaustedError when TensorFlow is loaded (a job
+    that failed before it was imported cannot have run out of GPU memory)."""
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    exhausted = getattr(errors, "ResourceExhaustedError", None)
+    return (MemoryError,) if exhausted is None else (MemoryError, exhausted)
+
+
 def failure_message(exc: BaseException, job: Job, settings: Settings, device: str) -> str:
     """A sentence the user can act on, naming what to change."""
     from app.ml.data import DataError
     from app.ml.nets import UnknownNetError
+    from app.ml.training import TrainingError
 
     kind = type(exc).__name__
     if isinstance(exc, DataError):
@@ -305,14 +316,14 @@ def failure_message(exc: BaseException, job: Job, settings: Settings, device: st
             f"setting (now {settings.CIFAR10_SOURCE!r})"
         )
     out_of_memory = "out of memory" in str(exc).lower() or "OOM when allocating" in str(exc)
-    if isinstance(exc, MemoryError) or kind == "ResourceExhaustedError" or out_of_memory:
+    if isinstance(exc, _out_of_memory_types()) or out_of_memory:
         return (
             f"out of memory on {device} with batch_size {job.batch_size}: use a smaller "
             "batch_size, a mixed precision (mixed_bfloat16 or mixed_float16) or a smaller net"
         )
     if isinstance(exc, UnknownNetError):
         return f"{exc}; create a new job with one of them"
-    if kind == "TrainingError":
+    if isinstance(exc, TrainingError):
         return f"training stopped: {exc}"
     if isinstance(exc, ValueError):
         return f"invalid training parameters: {exc}"

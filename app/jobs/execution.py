@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import EpochMetric, Evaluation, Job, ModelVersion, utcnow
-from app.services.registry import register_version
+from app.registry.versions import register_version
 from app.states import ALLOWED, JobStatus, check_transition, is_terminal
 
 if TYPE_CHECKING:
-    from app.services.artifacts import ArtifactStore, StoredArtifact
+    from app.registry.store import ArtifactStore, StoredArtifact
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def finish_succeeded(
         if published.sha256 != staged.sha256:
             session.rollback()
             raise OSError(f"artifact copy of job {job_id} is corrupt (sha256 mismatch)")
-        version.artifact_path = str(published.path)
+        version.artifact_path = published.key  # relative to the store root
         job.model_version_id = version.id
         session.commit()
         return version

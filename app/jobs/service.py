@@ -16,7 +16,7 @@ from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app.errors import AppError
+from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound
 from app.models import EpochMetric, Evaluation, Job
 from app.schemas import JobCreate
 from app.states import InvalidTransition, JobStatus, check_transition
@@ -55,11 +55,9 @@ def _check_same_request(job: Job, data: JobCreate) -> None:
     wanted = data.parameters()
     differing = [name for name in PARAMETER_FIELDS if getattr(job, name) != wanted[name]]
     if differing:
-        raise AppError(
-            "idempotency_key_reused",
+        raise IdempotencyConflict(
             "this Idempotency-Key was already used for a job with different parameters "
-            f"({', '.join(differing)}); send a new key for a new job",
-            422,
+            f"({', '.join(differing)}); send a new key for a new job"
         )
 
 
@@ -107,10 +105,10 @@ def mark_enqueued(session: Session, job_id: uuid.UUID) -> None:
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job:
-    """The job, or AppError 404 `job_not_found`."""
+    """The job, or JobNotFound."""
     job = session.scalar(_job_query().where(Job.id == job_id))
     if job is None:
-        raise AppError("job_not_found", f"no job with id {job_id}", 404)
+        raise JobNotFound(f"no job with id {job_id}")
     return job
 
 
@@ -143,7 +141,7 @@ def cancel_job(session: Session, job_id: uuid.UUID) -> Job:
     """Cancel a job and return it as it now stands.
 
     queued -> cancelled at once; running -> cancel_requested, and the worker stops the fit
-    at the next batch and marks it cancelled; terminal -> InvalidTransition (409).
+    at the next batch and marks it cancelled; terminal -> InvalidTransition (job_terminal).
     """
     for _ in range(_CANCEL_ATTEMPTS):
         job = get_job(session, job_id)
@@ -182,12 +180,10 @@ def list_epochs(session: Session, job_id: uuid.UUID) -> Sequence[EpochMetric]:
 
 
 def get_evaluation(session: Session, job_id: uuid.UUID) -> Evaluation:
-    """The job's test-set evaluation, or AppError 404 `no_evaluation` until there is one."""
+    """The job's test-set evaluation, or EvaluationNotFound until there is one."""
     evaluation = session.get(Evaluation, job_id)
     if evaluation is None:
-        raise AppError(
-            "no_evaluation",
-            f"job {job_id} has no evaluation yet; it is written when training succeeds",
-            404,
+        raise EvaluationNotFound(
+            f"job {job_id} has no evaluation yet; it is written when training succeeds"
         )
     return evaluation

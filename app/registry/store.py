@@ -1,0 +1,153 @@
+"""The artifact store: trained `.keras` models and per-job training checkpoints.
+
+`ArtifactStore` is the interface the registry and the job runner use; `LocalArtifactStore`
+implements it on a local (or shared) folder, settings.artifact_dir. The layout is
+object-store friendly, so an S3/GCS store can implement the same few methods later:
+
+    models/<name>/<version>/model.keras    a registered model version (immutable once registered)
+    checkpoints/<job_id>/                  the training core's checkpoint of a running job
+    staging/<job_id>/model.keras           a finished model waiting to be registered
+
+The registry stores a model's KEY, its path relative to the store's root
+("models/net1/3/model.keras"), never an absolute path, so the store can move or be
+replaced. Rows written before that hold absolute paths; `local_path` still reads them.
+
+Every file is written to a temporary name in its final folder and moved into place with
+os.replace, so a reader (the API, another worker) never sees a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Protocol
+
+from app.config import Settings
+
+if TYPE_CHECKING:
+    import keras
+
+MODEL_FILE = "model.keras"
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """Where a file lies and what it holds. `key` (relative to the store root) is what the
+    registry stores; `path` is the local file (for a remote store, a local copy)."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    key: str = ""
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """sha256 hex digest and size of a file, read in chunks (models can be large)."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def resolve_artifact(root: Path, stored: str) -> Path:
+    """The local file of a registry's artifact_path: a key relative to `root`, or a legacy
+    absolute path (kept as it is)."""
+    path = Path(stored)
+    return path if path.is_absolute() else root / path
+
+
+def write_atomically(final: Path, write: Callable[[Path], object], suffix: str = "") -> None:
+    """Write `final` through `write(tmp)` on a temporary name in the same folder, then
+    os.replace it into place: readers see the old file or the whole new one, never a part."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ArtifactStore(Protocol):
+    """What the registry and the runner need from a store of model files and checkpoints."""
+
+    def model_key(self, name: str, version: int) -> str: ...
+
+    def local_path(self, key: str) -> Path: ...
+
+    def checkpoint_dir(self, job_id: uuid.UUID | str) -> Path: ...
+
+    def stage_model(self, model: keras.Model, job_id: uuid.UUID | str) -> StoredArtifact: ...
+
+    def publish_model(self, staged: Path, name: str, version: int) -> StoredArtifact: ...
+
+    def discard_staging(self, job_id: uuid.UUID | str) -> None: ...
+
+    def discard_checkpoints(self, job_id: uuid.UUID | str) -> None: ...
+
+
+class LocalArtifactStore:
+    """The store on a local or shared folder; every worker and the API must see the same one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalArtifactStore:
+        return cls(settings.artifact_dir)
+
+    # ------------------------------------------------------------------ layout
+    def model_key(self, name: str, version: int) -> str:
+        return str(PurePosixPath("models", name, str(version), MODEL_FILE))
+
+    def local_path(self, key: str) -> Path:
+        return resolve_artifact(self.root, key)
+
+    def model_path(self, name: str, version: int) -> Path:
+        return self.local_path(self.model_key(name, version))
+
+    def checkpoint_dir(self, job_id: uuid.UUID | str) -> Path:
+        return self.root / "checkpoints" / str(job_id)
+
+    def staging_path(self, job_id: uuid.UUID | str) -> Path:
+        return self.root / "staging" / str(job_id) / MODEL_FILE
+
+    # ------------------------------------------------------------------ writes
+    def stage_model(self, model: keras.Model, job_id: uuid.UUID | str) -> StoredArtifact:
+        """Save a trained model in the `.keras` format under staging/, atomically, and hash it."""
+        final = self.staging_path(job_id)
+        # Keras insists on the .keras suffix, so the temporary name keeps it.
+        write_atomically(final, model.save, suffix=".keras")
+        sha256, size = file_digest(final)
+        return StoredArtifact(final, sha256, size, str(final.relative_to(self.root).as_posix()))
+
+    def publish_model(self, staged: Path, name: str, version: int) -> StoredArtifact:
+        """Copy a staged model to its registered place (temp file + os.replace).
+
+        A copy, not a move, so a registration that has to retry with another version
+        number still has its staged file.
+        """
+        key = self.model_key(name, version)
+        final = self.local_path(key)
+        write_atomically(final, lambda tmp: shutil.copyfile(staged, tmp), suffix=".keras")
+        sha256, size = file_digest(final)
+        return StoredArtifact(final, sha256, size, key)
+
+    # ------------------------------------------------------------------ clean-up
+    def discard_staging(self, job_id: uuid.UUID | str) -> None:
+        shutil.rmtree(self.staging_path(job_id).parent, ignore_errors=True)
+
+    def discard_checkpoints(self, job_id: uuid.UUID | str) -> None:
+        """A terminal job never resumes, so its checkpoint only takes disk space."""
+        shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)

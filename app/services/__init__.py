@@ -1,1 +1,0 @@
-"""Database-level operations shared by the API and the worker."""
