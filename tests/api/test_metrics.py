@@ -99,3 +99,21 @@ def test_predict_requests_latency_and_cache_are_counted(client, register_model, 
     assert delta("cnn_model_cache_hits_total", model="tiny") == 2
     assert delta("cnn_predict_batch_size_count") >= 3
     assert delta("cnn_predict_batch_size_bucket", le="2.0") >= 3
+
+
+def test_compose_has_a_prometheus_scraping_the_api_under_a_profile():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    mounted = {v.split(":")[0]: v.split(":")[1] for v in prometheus["volumes"]}
+    assert mounted["./deploy/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((root / "deploy" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["api:8000"]
+    assert job["authorization"]["credentials_file"] in mounted.values()
