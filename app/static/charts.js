@@ -38,7 +38,7 @@ const Charts = (() => {
     container.classList.add("chart");
     const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": o.title || "chart" }, container);
     if (o.title) {
-      const t = el("text", { x: m.l, y: 18, "font-weight": "600", "font-size": "15", fill: "#1d2330" }, svg);
+      const t = el("text", { x: m.l, y: 18, class: "title" }, svg);
       t.textContent = o.title;
     }
     const pts = series.flatMap((s) => s.points.filter((p) => p[1] !== null && isFinite(p[1])));
@@ -102,7 +102,7 @@ const Charts = (() => {
     let lx = m.l, ly = H - 14;
     series.forEach((s, i) => {
       const color = s.color || PALETTE[i % PALETTE.length];
-      const width = 34 + 7 * s.name.length;
+      const width = 44 + 7.6 * s.name.length;
       if (lx + width > W - m.r) { lx = m.l; ly += 16; }
       el("line", { x1: lx, x2: lx + 22, y1: ly - 4, y2: ly - 4, stroke: color, "stroke-width": 2.5, "stroke-dasharray": s.dashed ? "5 3" : "none" }, legend);
       const t = el("text", { x: lx + 27, y: ly }, legend);
