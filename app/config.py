@@ -51,6 +51,22 @@ class Settings(BaseSettings):
     # Serving.
     PREDICT_MAX_INSTANCES: int = Field(default=256, ge=1)
     MODEL_CACHE_SIZE: int = Field(default=4, ge=1)
+    # Micro-batching (app/serving/batching.py): rows per forward pass, and how long a pass
+    # may wait for requests already being decoded (a lone request never waits).
+    PREDICT_MAX_BATCH: int = Field(default=64, ge=1, le=4096)
+    PREDICT_BATCH_WINDOW_US: int = Field(default=1000, ge=0, le=1_000_000)
+    # /predict's own thread pool (model loads, large bodies, image decoding) and how many
+    # /predict requests one API process admits at once (past it: 503 overloaded).
+    PREDICT_THREADS: int = Field(default=2, ge=1, le=64)
+    PREDICT_MAX_PENDING: int = Field(default=1024, ge=1)
+    # Of those, how many are worked on at once (the rest wait without costing the event loop).
+    PREDICT_CONCURRENCY: int = Field(default=16, ge=1, le=4096)
+    # Source pixels one request may ask to resize, all its images together.
+    PREDICT_RESIZE_MAX_PIXELS: int = Field(default=4096 * 4096, ge=1024)
+    # How often an API process checks whether another process changed the registry.
+    REGISTRY_POLL_S: float = Field(default=1.0, gt=0, le=60)
+    # API worker processes of `cnn serve` (each has its own model cache and batchers).
+    API_WORKERS: int = Field(default=1, ge=1, le=64)
 
     # Live events: how often a `GET /jobs/{id}/events` stream looks for new events.
     EVENTS_POLL_S: float = Field(default=0.5, gt=0)

@@ -59,6 +59,7 @@ STATUS: dict[str, int] = {
     "model_unavailable": 503,
     # the service
     "database_unavailable": 503,
+    "overloaded": 503,
     "internal_error": 500,
 }
 
@@ -67,6 +68,8 @@ class DomainError(Exception):
     """An error a client can act on. `code` is a key of STATUS; the class sets its default."""
 
     code: str = "internal_error"
+    # Extra response headers (e.g. Retry-After); None for most errors.
+    headers: dict[str, str] | None = None
 
     def __init__(
         self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None
@@ -191,6 +194,13 @@ class DatabaseUnavailable(DomainError):
     code = "database_unavailable"
 
 
+class Overloaded(DomainError):
+    """More /predict requests in flight than PREDICT_MAX_PENDING (503 with Retry-After)."""
+
+    code = "overloaded"
+    headers = {"Retry-After": "1"}
+
+
 # ----------------------------------------------------------------------------- rendering
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
@@ -229,7 +239,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        return render(exc.code, exc.message, exc.details)
+        response = render(exc.code, exc.message, exc.details)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

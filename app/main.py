@@ -17,6 +17,7 @@ from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
 from app.metrics import predict_middleware
+from app.serving.service import PredictionService
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     sessions = session_factory(settings)
+    prediction = PredictionService(settings, sessions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API up, database backend %s", sessions.kw["bind"].dialect.name)
+        await prediction.start()
         yield
+        await prediction.stop()
         # Return pooled connections now rather than at interpreter exit.
         sessions.kw["bind"].dispose()
 
@@ -45,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
+    app.state.prediction = prediction
     install_error_handlers(app)
     app.middleware("http")(predict_middleware)
     for router in (

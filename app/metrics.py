@@ -15,12 +15,10 @@ Two kinds, documented name by name in docs/metrics.md:
 from __future__ import annotations
 
 import contextvars
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -31,7 +29,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.ml.inference import ModelCache, Predictor, VersionLike
 from app.models import EpochMetric, Job
 from app.states import JobStatus
 
@@ -105,7 +102,9 @@ async def predict_middleware(
     path = request.url.path
     if path not in ("/predict", "/predict/image"):
         return await call_next(request)
-    note = _PredictNote(input="multipart" if path == "/predict/image" else "json")
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    form = "raw" if media == "application/octet-stream" else "instances"
+    note = _PredictNote(input="multipart" if path == "/predict/image" else form)
     token = _note.set(note)  # the routes' threads see the same object through the context
     start = time.perf_counter()
     status = 500
@@ -119,31 +118,24 @@ async def predict_middleware(
         PREDICT_REQUESTS.labels(note.model, str(status), note.input).inc()
 
 
-# ---------------------------------------------------------------- the model cache
-class InstrumentedModelCache(ModelCache):
-    """ModelCache that counts hits and loads per model and the forward passes' batch sizes."""
+# ---------------------------------------------------------------- serving hooks
+def cache_hit(model: str) -> None:
+    CACHE_HITS.labels(model).inc()
 
-    def __init__(self, size: int, *, artifact_dir: Path | None = None) -> None:
-        self._loaded = threading.local()
-        super().__init__(size, artifact_dir=artifact_dir, loader=self._load)
 
-    def _load(self, row: VersionLike, path: Path) -> Predictor:
-        predictor = Predictor.from_path(path, row.sha256, name=row.name, version=row.version)
-        forward = predictor.predict
+def cache_load(model: str) -> None:
+    CACHE_LOADS.labels(model).inc()
 
-        def counted(batch: Any) -> Any:
-            PREDICT_BATCH.observe(len(batch))
-            return forward(batch)
 
-        predictor.predict = counted  # type: ignore[method-assign]
-        self._loaded.flag = True  # the load runs in the thread of the get() that needed it
-        return predictor
+def counting_batches(forward: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a model's forward pass so each call's batch size is observed (micro-batches
+    included: the batcher calls the pass once per merged batch)."""
 
-    def get(self, row: VersionLike) -> Predictor:
-        self._loaded.flag = False
-        predictor = super().get(row)
-        (CACHE_LOADS if self._loaded.flag else CACHE_HITS).labels(row.name).inc()
-        return predictor
+    def counted(batch: Any) -> Any:
+        PREDICT_BATCH.observe(len(batch))
+        return forward(batch)
+
+    return counted
 
 
 # ---------------------------------------------------------------- the database figures

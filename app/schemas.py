@@ -366,3 +366,93 @@ class HealthPublic(BaseModel):
     database: Literal["ok"]
     database_backend: str
     version: str
+
+
+# ----------------------------------------------------------------------------- prediction
+# The pixel data is decoded and validated by app.serving.inputs (pydantic is too slow for
+# pixel arrays); these models document the bodies and validate the small fields.
+
+OutputForm = Literal["full", "probabilities"]
+
+
+class PredictOptions(BaseModel):
+    """The small fields of a /predict request (JSON body fields, or query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="Registered model name.")
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    alias: str | None = Field(default=None, pattern=ALIAS_PATTERN)
+    resize: bool = Field(
+        default=False, description="Resize images that are not 32x32 instead of refusing them."
+    )
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="Answer only the k most probable classes of each image, most probable first.",
+    )
+    output: OutputForm = Field(
+        default="full",
+        description="`full`: one object per image with its probabilities, class id and name. "
+        "`probabilities`: only a matrix of probabilities (rows in the order of `classes`), "
+        "so that large batches do not pay for class names on every row.",
+    )
+
+
+class TensorInput(BaseModel):
+    """Raw pixels: standard base64 of the uint8 bytes of an (N, 32, 32, 3) array, row-major."""
+
+    b64: str
+    shape: list[int] = Field(min_length=4, max_length=4, description="[N, 32, 32, 3]")
+    dtype: Literal["uint8"] = "uint8"
+
+
+class PredictBody(PredictOptions):
+    """The documented JSON body (OpenAPI only: app.serving.inputs parses it by hand).
+
+    Exactly one of `instances`, `images` or `tensor`.
+    """
+
+    instances: list[list[list[list[float]]]] | None = Field(
+        default=None, description="Images as (N, 32, 32, 3) nested lists of pixel values 0-255."
+    )
+    images: list[dict[str, str]] | None = Field(
+        default=None,
+        description='Images as [{"b64": "<standard base64 of a PNG or JPEG>"}], TF Serving style.',
+    )
+    tensor: TensorInput | None = Field(
+        default=None, description="Images as one raw uint8 tensor (the most compact JSON form)."
+    )
+
+
+class TopClass(BaseModel):
+    class_id: int
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    probabilities: list[float] | None = Field(
+        default=None, description="Ten probabilities summing to 1 (absent with top_k)."
+    )
+    class_id: int
+    class_name: str
+    top_k: list[TopClass] | None = Field(
+        default=None, description="With top_k: the k most probable classes, most probable first."
+    )
+
+
+class PredictResponse(BaseModel):
+    """`predictions` with output=full (the default); `probabilities` (and with top_k,
+    `class_ids`) with output=probabilities."""
+
+    model: ModelVersionRef
+    classes: list[str]
+    predictions: list[Prediction] | None = None
+    probabilities: list[list[float]] | None = Field(
+        default=None, description="output=probabilities: one row per image."
+    )
+    class_ids: list[list[int]] | None = Field(
+        default=None, description="output=probabilities with top_k: the class of each column."
+    )

@@ -163,10 +163,24 @@ def serve(settings: Settings, host: str, port: int) -> int:
     supervisor = WorkerSupervisor(settings)
     supervisor.start()
     try:
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
-        )
-        server.run()
+        if settings.API_WORKERS > 1:
+            # Each API process has its own model cache and batchers; they see each other's
+            # registry changes within REGISTRY_POLL_S. uvicorn spawns them (no fork after
+            # TensorFlow) and builds each app from the environment, so hand the settings down.
+            os.environ.update(settings_env(settings))
+            uvicorn.run(
+                "app.main:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=settings.API_WORKERS,
+                log_level="info",
+            )
+        else:
+            server = uvicorn.Server(
+                uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+            )
+            server.run()
     finally:
         supervisor.stop()
         for sig, handler in previous.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
@@ -101,7 +101,9 @@ def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
     dependencies=[JsonBody],
     responses={404: {"description": "No such name or version (`model_not_found`)."}},
 )
-def set_alias(name: Name, alias: Alias, body: AliasUpdate, session: SessionDep) -> AliasPublic:
+def set_alias(
+    name: Name, alias: Alias, body: AliasUpdate, session: SessionDep, request: Request
+) -> AliasPublic:
     """Point `name@alias` at a version; moving an alias is one UPDATE, never a gap."""
     _version_or_404(session, name, body.version)
     try:
@@ -112,6 +114,8 @@ def set_alias(name: Name, alias: Alias, body: AliasUpdate, session: SessionDep) 
         session.rollback()
         row = registry.set_alias(session, name, alias, body.version)
         session.commit()
+    # This process's /predict serves the new target from the next request on.
+    request.app.state.prediction.registry.invalidate(name)
     return AliasPublic.model_validate(row)
 
 

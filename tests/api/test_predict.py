@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,19 +163,27 @@ def test_latest_version_and_alias_resolution(client, register_model, tiny_models
     assert version == 1
     np.testing.assert_allclose(probs, want[1], atol=1e-5)
 
-    with session_factory() as session:
-        registry.set_alias(session, "pair", "production", 1)
-        session.commit()
+    # Moved through this API: the very next request follows the alias.
+    assert client.put("/models/pair/aliases/production", json={"version": 1}).status_code == 200
     version, probs = served(alias="production")
     assert version == 1
     np.testing.assert_allclose(probs, want[1], atol=1e-5)
-
-    with session_factory() as session:
-        registry.set_alias(session, "pair", "production", 2)
-        session.commit()
-    version, probs = served(alias="production")  # the very next request follows the alias
+    assert client.put("/models/pair/aliases/production", json={"version": 2}).status_code == 200
+    version, probs = served(alias="production")
     assert version == 2
     np.testing.assert_allclose(probs, want[2], atol=1e-5)
+
+    # Moved by another process (here: straight in the database): served once the API's
+    # registry check (every REGISTRY_POLL_S) has seen it.
+    with session_factory() as session:
+        registry.set_alias(session, "pair", "production", 1)
+        session.commit()
+    deadline = time.monotonic() + 30
+    while served(alias="production")[0] != 1:
+        assert time.monotonic() < deadline, "the alias move was never picked up"
+        time.sleep(0.2)
+    version, probs = served(alias="production")
+    np.testing.assert_allclose(probs, want[1], atol=1e-5)
 
     # Through the API as well, and for uploads.
     assert client.put("/models/pair/aliases/production", json={"version": 1}).status_code == 200
@@ -319,8 +328,11 @@ BAD_BODIES = [
     ids=[case[0] for case in BAD_BODIES],
 )
 def test_bad_bodies_get_a_4xx_saying_what_was_expected(
-    client, expect_error, body, status, code, words
+    client, register_model, expect_error, body, status, code, words
 ):
+    # Registered (images are decoded only for a model that exists), never loaded: every
+    # case fails before the model would be.
+    register_model("anything")
     body = {"model": "anything", **body}
     error = expect_error(predict(client, **body), status, code)
     assert words in error["message"]

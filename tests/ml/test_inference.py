@@ -22,12 +22,12 @@ from app.ml.inference import (
     Predictor,
     decode_b64,
     decode_image,
-    gc_paused,
     images_to_batch,
     instances_to_batch,
     parse_json,
     predict_probabilities,
     sha256_file,
+    tune_gc_for_serving,
 )
 from app.ml.nets import CLASS_NAMES
 
@@ -177,23 +177,20 @@ def test_parse_json_of_a_valid_body():
     assert gc.isenabled()
 
 
-def test_gc_pause_nests_and_keeps_a_disabled_collector_off():
-    assert gc.isenabled()
-    with gc_paused():
-        with gc_paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # the outer pause is still running
-    assert gc.isenabled()
-    with pytest.raises(InputError):
-        parse_json(b"{")
-    assert gc.isenabled()  # re-enabled on the error path too
-    gc.disable()
+def test_serving_gc_tuning_never_turns_the_collector_off():
+    before = gc.get_threshold()
     try:
-        with gc_paused():
-            pass
-        assert not gc.isenabled()  # the process had turned it off: leave it off
+        tune_gc_for_serving()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0  # what was alive is out of the collector's walks
+        assert gc.get_threshold()[0] >= 10_000
+        parse_json(b'{"instances": [[1, 2.5]]}')
+        with pytest.raises(InputError):
+            parse_json(b"{")
+        assert gc.isenabled()
     finally:
-        gc.enable()
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 # ----------------------------------------------------------------------- images and base64
