@@ -176,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=default("optimizer"), choices=OPTIMIZERS)
     p.add_argument("--learning-rate", type=float, default=default("learning_rate"))
     p.add_argument("--seed", type=int, default=default("seed"))
-    p.add_argument("--train-limit", type=int, default=None, help="train on the first N images")
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="train on a seeded random subset of N images (quick runs)",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)

@@ -71,6 +71,11 @@ class DomainError(Exception):
     # Extra response headers (e.g. Retry-After); None for most errors.
     headers: dict[str, str] | None = None
 
+    def __init_subclass__(cls, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+
     def __init__(
         self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None
     ) -> None:
@@ -90,18 +95,16 @@ def status_of(code: str) -> int:
 
 
 # ----------------------------------------------------------------------------- requests
-class RequestInvalid(DomainError):
-    """The request is malformed in a way the schema cannot express (422 validation_error)."""
-
-    code = "validation_error"
+class RequestInvalid(DomainError, code="validation_error"):
+    """The request is malformed in a way the schema cannot express."""
 
 
-class UnsupportedMediaType(DomainError):
-    code = "unsupported_media_type"
+class UnsupportedMediaType(DomainError, code="unsupported_media_type"):
+    """The body is not in a media type the endpoint takes."""
 
 
-class PayloadTooLarge(DomainError):
-    code = "too_large"
+class PayloadTooLarge(DomainError, code="too_large"):
+    """An upload over the endpoint's size limit."""
 
 
 class InputError(DomainError, ValueError):
@@ -112,26 +115,20 @@ class InputError(DomainError, ValueError):
 
 
 # ----------------------------------------------------------------------------- jobs
-class JobNotFound(DomainError):
-    code = "job_not_found"
+class JobNotFound(DomainError, code="job_not_found"):
+    """No job has this id."""
 
 
-class EvaluationNotFound(DomainError):
+class EvaluationNotFound(DomainError, code="no_evaluation"):
     """The job exists but has no test-set evaluation yet."""
 
-    code = "no_evaluation"
 
-
-class HistoryNotFound(DomainError):
+class HistoryNotFound(DomainError, code="no_history"):
     """The job exists but has not finished an epoch yet."""
 
-    code = "no_history"
 
-
-class IdempotencyConflict(DomainError):
+class IdempotencyConflict(DomainError, code="idempotency_key_reused"):
     """An Idempotency-Key was reused with different parameters."""
-
-    code = "idempotency_key_reused"
 
 
 class InvalidTransition(DomainError):
@@ -157,47 +154,38 @@ class InvalidTransition(DomainError):
 
 
 # ----------------------------------------------------------------------------- models
-class UnknownNet(DomainError):
-    code = "unknown_net"
+class UnknownNet(DomainError, code="unknown_net"):
+    """No net of this name (details.known lists the nets)."""
 
 
-class ModelNotFound(DomainError, LookupError):
+class ModelNotFound(DomainError, LookupError, code="model_not_found"):
     """No registered name, version or alias matches the request."""
 
-    code = "model_not_found"
 
-
-class ArtifactMissing(DomainError):
+class ArtifactMissing(DomainError, code="artifact_missing"):
     """A registered version whose artifact file is gone from the store."""
 
-    code = "artifact_missing"
 
-
-class ModelArtifactError(DomainError, RuntimeError):
+class ModelArtifactError(DomainError, RuntimeError, code="model_unavailable"):
     """The registered artifact cannot be served (missing, unreadable, or not a CIFAR-10 model)."""
-
-    code = "model_unavailable"
 
 
 class ModelIntegrityError(ModelArtifactError):
     """The artifact's sha256 differs from the registered one: the file is never loaded."""
 
 
-class ModelUnavailable(DomainError):
+class ModelUnavailable(DomainError, code="model_unavailable"):
     """A model version is registered but cannot be served now (see ModelArtifactError)."""
-
-    code = "model_unavailable"
 
 
 # ----------------------------------------------------------------------------- service
-class DatabaseUnavailable(DomainError):
-    code = "database_unavailable"
+class DatabaseUnavailable(DomainError, code="database_unavailable"):
+    """The database does not answer; worth a retry."""
 
 
-class Overloaded(DomainError):
+class Overloaded(DomainError, code="overloaded"):
     """More /predict requests in flight than PREDICT_MAX_PENDING (503 with Retry-After)."""
 
-    code = "overloaded"
     headers = {"Retry-After": "1"}
 
 

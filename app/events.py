@@ -93,7 +93,7 @@ def read_events(session: Session, job_id: uuid.UUID, after: int, limit: int = BA
             # Terminal rows never change again, so today's job is the job as it ended.
             if job_public is None:
                 job = session.get(Job, job_id)
-                job_public = JobPublic.from_job(job).model_dump(mode="json") if job else {}
+                job_public = JobPublic.model_validate(job).model_dump(mode="json") if job else {}
             data["job"] = job_public
         events.append(Event(event.id, "status", data, terminal=terminal))
     session.rollback()  # end the read transaction; the next poll must see new commits

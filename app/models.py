@@ -42,6 +42,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """A timestamp with its zone: SQLite hands them back naive; they were written in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -53,7 +60,7 @@ class Job(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     net: Mapped[str] = mapped_column(String(64), index=True)
-    # Training parameters (the seed's defaults live in app.ml.training.TrainConfig).
+    # Training parameters (the seed's defaults live in app.ml.params.TrainConfig).
     epochs: Mapped[int] = mapped_column(Integer)
     batch_size: Mapped[int] = mapped_column(Integer)
     validation_split: Mapped[float] = mapped_column(Float)
@@ -93,6 +100,16 @@ class Job(Base):
         back_populates="job", cascade="all, delete-orphan"
     )
     model_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[model_version_id])
+
+    # Read by JobPublic.model_validate (from_attributes), so the response is built from the row.
+    @property
+    def progress(self) -> dict[str, int]:
+        return {"epoch": self.current_epoch, "epochs": self.epochs}
+
+    @property
+    def parameters(self) -> Job:
+        """The training parameters are this row's own columns (JobParameters reads them)."""
+        return self
 
 
 class EpochMetric(Base):

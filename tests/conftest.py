@@ -24,6 +24,11 @@ Fixtures (all lazy: a test that uses none of them never touches PostgreSQL or Re
   status and the common error body ``{"error": {"code", "message"}}`` and returns the inner dict.
 - ``training_queue`` (function): the run's Redis training queue, emptied before the test;
   ``training_queue.messages()`` -> list of (task name, args) waiting there.
+- ``cifar10_archive`` (session): the real CIFAR-10 archive, ``../shared/data/cifar10-jpeg.tar.gz``
+  relative to the repository (a clean clone has shared/ beside it). Missing, the tests that
+  need it skip, or FAIL when CNN_REQUIRE_CIFAR10=1 (scripts/test.sh and .ci/run set it).
+- ``cifar10_cache`` (session): where decoded arrays survive between runs (var/test-cache,
+  git-ignored), shared by every test that loads the real archive, so a run decodes once.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -41,6 +47,9 @@ import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -311,3 +320,18 @@ def _expect_error(response: Any, status: int, code: str) -> dict[str, Any]:
 @pytest.fixture
 def expect_error() -> Callable[[Any, int, str], dict[str, Any]]:
     return _expect_error
+
+
+@pytest.fixture(scope="session")
+def cifar10_archive() -> Path:
+    if not CIFAR10_ARCHIVE.is_file():
+        message = f"the CIFAR-10 archive is not at {CIFAR10_ARCHIVE.resolve()}"
+        if os.environ.get("CNN_REQUIRE_CIFAR10") == "1":
+            pytest.fail(message + " (CNN_REQUIRE_CIFAR10=1: the end-to-end tests must run)")
+        pytest.skip(message)
+    return CIFAR10_ARCHIVE.resolve()
+
+
+@pytest.fixture(scope="session")
+def cifar10_cache() -> Path:
+    return ROOT / "var" / "test-cache"

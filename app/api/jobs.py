@@ -13,12 +13,10 @@ from app.errors import HistoryNotFound
 from app.jobs import queue
 from app.jobs import service as job_service
 from app.ml.analysis import analyse
-from app.ml.nets import CLASS_NAMES
 from app.schemas import (
     AnalysisPublic,
     EpochPublic,
     EvaluationPublic,
-    FirstImage,
     HistoryCurves,
     HistoryPublic,
     JobCreate,
@@ -66,7 +64,7 @@ def submit_job(
     elif not created:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{job.id}"
-    return JobPublic.from_job(job_service.get_job(session, job.id))
+    return JobPublic.model_validate(job_service.get_job(session, job.id))
 
 
 @router.get("", response_model=JobList)
@@ -79,13 +77,16 @@ def list_jobs(
 ) -> JobList:
     rows, total = job_service.list_jobs(session, status=status, net=net, limit=limit, offset=offset)
     return JobList(
-        jobs=[JobPublic.from_job(job) for job in rows], total=total, limit=limit, offset=offset
+        jobs=[JobPublic.model_validate(job) for job in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
-    return JobPublic.from_job(job_service.get_job(session, job_id))
+    return JobPublic.model_validate(job_service.get_job(session, job_id))
 
 
 def _epoch_dicts(session: Session, job_id: uuid.UUID) -> list[dict[str, float | int | None]]:
@@ -139,17 +140,7 @@ def job_history_png(job_id: uuid.UUID, session: SessionDep) -> Response:
 )
 def job_evaluation(job_id: uuid.UUID, session: SessionDep) -> EvaluationPublic:
     job_service.get_job(session, job_id)
-    evaluation = job_service.get_evaluation(session, job_id)
-    return EvaluationPublic(
-        job_id=evaluation.job_id,
-        test_loss=evaluation.test_loss,
-        test_accuracy=evaluation.test_accuracy,
-        first_image=FirstImage.model_validate(evaluation.first_image),
-        per_class_accuracy=evaluation.per_class_accuracy,
-        confusion_matrix=evaluation.confusion_matrix,
-        classes=list(CLASS_NAMES),
-        created_at=evaluation.created_at,
-    )
+    return EvaluationPublic.model_validate(job_service.get_evaluation(session, job_id))
 
 
 @router.post(
@@ -159,4 +150,4 @@ def job_evaluation(job_id: uuid.UUID, session: SessionDep) -> EvaluationPublic:
 )
 def cancel_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
     """Queued jobs are cancelled at once; a running job stops at its next batch."""
-    return JobPublic.from_job(job_service.cancel_job(session, job_id))
+    return JobPublic.model_validate(job_service.cancel_job(session, job_id))

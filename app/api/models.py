@@ -35,18 +35,9 @@ Version = Annotated[int, PathParam(ge=1, le=INT32_MAX)]
 
 
 def _public(row: ModelVersion, aliases: dict[str, int]) -> ModelVersionPublic:
-    return ModelVersionPublic(
-        name=row.name,
-        version=row.version,
-        net=row.net,
-        job_id=row.job_id,
-        sha256=row.sha256,
-        size_bytes=row.size_bytes,
-        metrics=row.metrics or {},
-        created_at=row.created_at,
-        aliases=sorted(alias for alias, version in aliases.items() if version == row.version),
-        artifact_url=f"/models/{row.name}/versions/{row.version}/artifact",
-    )
+    public = ModelVersionPublic.model_validate(row)
+    public.aliases = sorted(alias for alias, version in aliases.items() if version == row.version)
+    return public
 
 
 def _versions_or_404(session: Session, name: str) -> list[ModelVersion]:

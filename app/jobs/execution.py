@@ -13,7 +13,8 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, and_, case, or_, select, update
@@ -21,11 +22,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import EpochMetric, Evaluation, Job, ModelVersion, utcnow
+from app.db import rowcount
+from app.models import EpochMetric, Evaluation, Job, ModelVersion, as_utc, utcnow
 from app.registry.versions import register_version
 from app.states import ALLOWED, JobStatus, check_transition, is_terminal
 
 if TYPE_CHECKING:
+    from app.ml.evaluation import EvaluationResult
+    from app.ml.training import EpochRecord
     from app.registry.store import ArtifactStore, StoredArtifact
 
 log = logging.getLogger(__name__)
@@ -34,7 +38,7 @@ ERROR_MAX_CHARS = 2000
 REGISTER_RETRIES = 5
 
 
-class ClaimOutcome:
+class ClaimOutcome(StrEnum):
     """Why a claim did or did not hand the job to the caller."""
 
     CLAIMED = "claimed"  # queued -> running
@@ -50,7 +54,7 @@ class ClaimOutcome:
 @dataclass(frozen=True)
 class ClaimResult:
     claimed: bool
-    outcome: str
+    outcome: ClaimOutcome
     attempt: int = 0  # the fencing token for record_epoch/heartbeat/finish_* when claimed
     job: Job | None = None
 
@@ -66,13 +70,6 @@ class SweepReport:
 # ----------------------------------------------------------------------------- helpers
 def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
     return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back without a zone; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def _sources(target: JobStatus) -> list[str]:
@@ -101,7 +98,7 @@ def _transition(
         .values(status=str(target), **values)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return rowcount(result) == 1
 
 
 def _fence(attempt: int | None) -> list[ColumnElement[bool]]:
@@ -146,7 +143,7 @@ def claim(
         session.rollback()
         return ClaimResult(False, ClaimOutcome.TERMINAL, job=job)
     stale_before = _stale_before(settings, now)
-    heartbeat = _as_utc(job.heartbeat_at)
+    heartbeat = as_utc(job.heartbeat_at)
     if status is JobStatus.RUNNING and heartbeat is not None and heartbeat >= stale_before:
         session.rollback()
         return ClaimResult(False, ClaimOutcome.BUSY, job=job)
@@ -193,7 +190,9 @@ def claim(
     return ClaimResult(True, outcome, attempt=job.attempts, job=job)
 
 
-def _claim_refused(session: Session, job_id: uuid.UUID, changed: bool, outcome: str) -> ClaimResult:
+def _claim_refused(
+    session: Session, job_id: uuid.UUID, changed: bool, outcome: ClaimOutcome
+) -> ClaimResult:
     if changed:
         session.commit()
         return ClaimResult(False, outcome, job=session.get(Job, job_id, populate_existing=True))
@@ -202,7 +201,7 @@ def _claim_refused(session: Session, job_id: uuid.UUID, changed: bool, outcome: 
 
 
 # ----------------------------------------------------------------------------- progress
-def _record_values(record: Any) -> dict[str, Any]:
+def _record_values(record: EpochRecord | Mapping[str, Any]) -> dict[str, Any]:
     data: Mapping[str, Any] = record if isinstance(record, Mapping) else record.to_dict()
     return {
         "epoch": int(data["epoch"]),
@@ -247,7 +246,11 @@ def _insert_ignoring_duplicates(session: Session, values: dict[str, Any]) -> Non
 
 
 def record_epoch(
-    session: Session, job_id: uuid.UUID | str, record: Any, *, attempt: int | None = None
+    session: Session,
+    job_id: uuid.UUID | str,
+    record: EpochRecord | Mapping[str, Any],
+    *,
+    attempt: int | None = None,
 ) -> bool:
     """Store one finished epoch and move the job's progress and heartbeat, in one transaction.
 
@@ -284,13 +287,7 @@ def heartbeat(session: Session, job_id: uuid.UUID | str, attempt: int | None = N
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
-def is_cancel_requested(session: Session, job_id: uuid.UUID | str) -> bool:
-    flag = session.scalar(select(Job.cancel_requested).where(Job.id == _as_uuid(job_id)))
-    session.rollback()  # end the read transaction; nothing to keep
-    return bool(flag)
+    return rowcount(result) == 1
 
 
 def control(session: Session, job_id: uuid.UUID | str, attempt: int) -> str | None:
@@ -349,7 +346,7 @@ def mark_started(
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return rowcount(result) == 1
 
 
 # ----------------------------------------------------------------------------- finish
@@ -358,7 +355,7 @@ def finish_succeeded(
     job_id: uuid.UUID | str,
     attempt: int,
     *,
-    evaluation: Any,
+    evaluation: EvaluationResult | Mapping[str, Any],
     staged: StoredArtifact,
     store: ArtifactStore,
     device: str,

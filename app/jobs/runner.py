@@ -15,8 +15,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,13 +28,19 @@ from app.jobs import execution
 from app.models import Job
 from app.registry.store import LocalArtifactStore
 
+if TYPE_CHECKING:
+    from app.ml.training import EpochRecord
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 log = logging.getLogger(__name__)
 
 # should_stop() runs after every batch; the database is asked at most this often.
 CONTROL_POLL_S = 0.5
 
 
-class Outcome:
+class Outcome(StrEnum):
     """What run_job did, for logs and tests (the job row is the real record)."""
 
     SUCCEEDED = "succeeded"
@@ -110,7 +117,7 @@ def run_job(
     worker: str,
     *,
     shutdown: threading.Event | None = None,
-) -> str:
+) -> Outcome | execution.ClaimOutcome:
     """Claim and run one job; returns an Outcome or a ClaimOutcome when it was not claimed.
 
     Errors in training end the job `failed` with a message the user can act on and do not
@@ -150,11 +157,17 @@ class _Runner:
         self.control = _Control(sessions, job.id, attempt, shutdown, beat)
         self.device = "unknown"
 
-    def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _db(
+        self,
+        fn: Callable[Concatenate[Session, uuid.UUID, P], R],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Call an app.jobs.execution step for this job in a session of its own."""
         with self.sessions() as session:
             return fn(session, self.job.id, *args, **kwargs)
 
-    def run(self) -> str:
+    def run(self) -> Outcome:
         try:
             return self._train_and_finish()
         except (OperationalError, DBAPIError):
@@ -167,7 +180,7 @@ class _Runner:
                 return Outcome.FAILED
             return Outcome.LOST
 
-    def _train_and_finish(self) -> str:
+    def _train_and_finish(self) -> Outcome:
         from app.ml.data import load_cifar10
         from app.ml.evaluation import evaluate
         from app.ml.training import (
@@ -195,7 +208,7 @@ class _Runner:
         if not self._align_checkpoint(checkpoint_dir):
             return Outcome.LOST
 
-        def on_epoch(record: Any) -> None:
+        def on_epoch(record: EpochRecord) -> None:
             if not self._db(execution.record_epoch, record, attempt=self.attempt):
                 self.control.lose()  # should_stop() ends the fit at the next batch
 
@@ -274,7 +287,7 @@ class _Runner:
         self.store.discard_checkpoints(self.job.id)
         return bool(self._db(execution.forget_epochs, self.attempt))
 
-    def _stopped(self) -> str:
+    def _stopped(self) -> Outcome:
         reason = self.control.reason
         if reason == "cancel":
             if self._db(execution.finish_cancelled, attempt=self.attempt):

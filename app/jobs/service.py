@@ -10,12 +10,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from app.db import rowcount
 from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound
 from app.models import EpochMetric, Evaluation, Job
 from app.schemas import JobCreate
@@ -41,7 +41,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _job_query() -> Any:
+def _job_query() -> Select[tuple[Job]]:
     # JobPublic reads the evaluation and the produced version; load them with the job.
     return select(Job).options(selectinload(Job.evaluation), selectinload(Job.model_version))
 
@@ -159,7 +159,7 @@ def cancel_job(session: Session, job_id: uuid.UUID) -> Job:
                 .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
                 .values(cancel_requested=True)
             )
-        changed = cast(CursorResult[Any], session.execute(statement)).rowcount
+        changed = rowcount(session.execute(statement))
         session.commit()
         if changed:
             session.expire_all()

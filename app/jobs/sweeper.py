@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def send_training(settings: Settings, job_id: uuid.UUID) -> None:
-    """Enqueue through the API's dispatcher; raise so the sweep can retry a failed send."""
+    """Enqueue as the API does (app.jobs.queue); raise so the sweep can retry a failed send."""
     if not enqueue_training(settings, job_id):
         raise ConnectionError(f"the broker did not accept job {job_id}")
 

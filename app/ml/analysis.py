@@ -1,6 +1,6 @@
 """Reading the training curves (exercises 10 and 16): where overfitting starts, how wide the gap is.
 
-Definitions (also in docs/training.md):
+Definitions (GET /jobs/{id}/history returns them as `analysis`):
 - best_epoch: the epoch with the lowest validation loss (1-based; the first one on ties).
 - overfitting_after_epoch: best_epoch, when training loss still fell after it while the
   validation loss never came back down to its minimum; None when the best epoch is the last

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import gc
-import hashlib
 import io
 import threading
 from collections import OrderedDict
@@ -26,6 +25,7 @@ import orjson
 from app.errors import InputError as InputError
 from app.errors import ModelArtifactError as ModelArtifactError
 from app.errors import ModelIntegrityError as ModelIntegrityError
+from app.files import file_digest, resolve_artifact
 
 # normalise is the training data's own scaling, so served inputs match what the net saw.
 from app.ml.data import normalise
@@ -262,12 +262,8 @@ def images_to_batch(images: Sequence[np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------------------- the model
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_file(path: Path) -> str:
+    return file_digest(path)[0]
 
 
 def compile_forward(model: Any) -> Callable[[np.ndarray], Any]:
@@ -423,10 +419,9 @@ class ModelCache:
 
     def artifact_path(self, row: VersionLike) -> Path:
         """The artifact file; a relative path is taken relative to the artifact directory."""
-        path = Path(row.artifact_path)
-        if not path.is_absolute() and self.artifact_dir is not None:
-            path = self.artifact_dir / path
-        return path
+        if self.artifact_dir is None:
+            return Path(row.artifact_path)
+        return resolve_artifact(self.artifact_dir, row.artifact_path)
 
     def keys(self) -> list[tuple[str, int, str]]:
         with self._lock:
@@ -438,28 +433,29 @@ class ModelCache:
 
     def peek(self, row: VersionLike) -> Predictor | None:
         """The loaded Predictor for `row`, or None (never loads: safe on an event loop)."""
-        key = (row.name, row.version, row.sha256)
         with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-            return hit
+            return self._hit((row.name, row.version, row.sha256))
+
+    def _hit(self, key: tuple[str, int, str]) -> Predictor | None:
+        """The entry for `key`, marked most recently used (the caller holds the lock)."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
 
     def get(self, row: VersionLike) -> Predictor:
         key = (row.name, row.version, row.sha256)
         with self._lock:
-            hit = self._entries.get(key)
+            hit = self._hit(key)
             if hit is not None:
-                self._entries.move_to_end(key)
                 return hit
             key_lock = self._loading.setdefault(key, threading.Lock())
         # Load outside the cache lock so hits on other models are not blocked by a slow load.
         with key_lock:
             with self._lock:
-                hit = self._entries.get(key)
-                if hit is not None:
-                    self._entries.move_to_end(key)
-                    return hit
+                hit = self._hit(key)
+            if hit is not None:
+                return hit
             try:
                 predictor = self._loader(row, self.artifact_path(row))
             except BaseException:

@@ -194,17 +194,15 @@ class PredictionService:
             return hit
         try:
             return await self._off_loop(self.cache.get, row)
-        except ModelIntegrityError as exc:
-            log.error("refusing to serve %s v%s: %s", row.name, row.version, exc)
-            raise ModelUnavailable(
-                f"model {row.name!r} version {row.version} cannot be served: its artifact does "
-                "not match the registered sha256"
-            ) from None
         except ModelArtifactError as exc:
             log.error("cannot serve %s v%s: %s", row.name, row.version, exc)
+            problem = (
+                "its artifact does not match the registered sha256"
+                if isinstance(exc, ModelIntegrityError)
+                else "its artifact is missing or cannot be loaded"
+            )
             raise ModelUnavailable(
-                f"model {row.name!r} version {row.version} cannot be served: its artifact is "
-                "missing or cannot be loaded"
+                f"model {row.name!r} version {row.version} cannot be served: {problem}"
             ) from None
 
     def _batcher(self, predictor: Predictor, row: ServedVersion) -> MicroBatcher:

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -311,27 +312,24 @@ def test_get_running_job_shows_progress_worker_and_device(client, make_job):
     assert datetime.fromisoformat(body["created_at"]).tzinfo is not None
 
 
+def _evaluation(job_id: uuid.UUID, **values: Any) -> Evaluation:
+    """An evaluation row: a correct first image and uniform numbers unless `values` say else."""
+    first_image = {"probabilities": [0.1] * 10, "predicted_class": 3, "true_class": 3}
+    defaults: dict[str, Any] = {
+        "first_image": {**first_image, "match": True},
+        "per_class_accuracy": [0.5] * 10,
+        "confusion_matrix": [[1] * 10 for _ in range(10)],
+    }
+    return Evaluation(job_id=job_id, **{**defaults, **values})
+
+
 def test_get_succeeded_job_shows_evaluation_and_model_version(
     client, make_job, register_model, session_factory
 ):
     job = make_job("succeeded", model_name="champion")
     version = register_model(name="champion", job_id=job.id)
     with session_factory() as session:
-        session.add(
-            Evaluation(
-                job_id=job.id,
-                test_loss=1.25,
-                test_accuracy=0.55,
-                first_image={
-                    "probabilities": [0.1] * 10,
-                    "predicted_class": 3,
-                    "true_class": 3,
-                    "match": True,
-                },
-                per_class_accuracy=[0.5] * 10,
-                confusion_matrix=[[1] * 10 for _ in range(10)],
-            )
-        )
+        session.add(_evaluation(job.id, test_loss=1.25, test_accuracy=0.55))
         session.get(Job, job.id).model_version_id = version.id
         session.commit()
     body = client.get(f"/jobs/{job.id}").json()
@@ -403,18 +401,14 @@ def test_evaluation_is_404_until_written(client, make_job, session_factory, expe
     job = make_job("running")
     expect_error(client.get(f"/jobs/{job.id}/evaluation"), 404, "no_evaluation")
     matrix = [[10 if i == j else 0 for j in range(10)] for i in range(10)]
+    first_image = {"probabilities": [0.05] * 9 + [0.55], "predicted_class": 9, "true_class": 3}
     with session_factory() as session:
         session.add(
-            Evaluation(
-                job_id=job.id,
+            _evaluation(
+                job.id,
                 test_loss=0.9,
                 test_accuracy=0.7,
-                first_image={
-                    "probabilities": [0.05] * 9 + [0.55],
-                    "predicted_class": 9,
-                    "true_class": 3,
-                    "match": False,
-                },
+                first_image={**first_image, "match": False},
                 per_class_accuracy=[float(i) / 10 for i in range(10)],
                 confusion_matrix=matrix,
             )

@@ -17,8 +17,6 @@ from app.ml.nets import CLASS_NAMES
 
 from .conftest import tar_folder, write_png_or_jpeg
 
-REAL_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")
-
 
 def pairs(x: np.ndarray, y: np.ndarray) -> list[tuple[int, bytes]]:
     """Order-free view of a split: image trees come back shuffled, pairs must still match."""
@@ -45,10 +43,7 @@ def test_official_dir_round_trips_pixels_and_labels(archives):
     d = load_cifar10(str(folder))
     assert_shapes(d, 20, 4)
     # The official batches keep their order: data_batch_1..5, row by row.
-    np.testing.assert_array_equal(d.x_train, expected.x_train)
-    np.testing.assert_array_equal(d.y_train, expected.y_train)
-    np.testing.assert_array_equal(d.x_test, expected.x_test)
-    np.testing.assert_array_equal(d.y_test, expected.y_test)
+    assert_same(d, expected)
     assert str(folder) in d.source
 
 
@@ -410,22 +405,19 @@ def test_subset_is_seeded_paired_and_bounded(archives):
         subset(d, 0)
 
 
-# --- the real archive (skipped when absent; decoded once, then served from var/test-cache) ---
+# --- the real archive (fixture cifar10_archive; decoded once, then served from var/test-cache) ---
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_ARCHIVE.is_file(), reason=f"{REAL_ARCHIVE} is not here")
-def test_real_jpeg_archive():
-    # The same cache folder as the worker tests' (git-ignored var/), so a run decodes once.
-    cache = Path(__file__).resolve().parents[2] / "var" / "test-cache"
-    d = load_cifar10(str(REAL_ARCHIVE), cache)
+def test_real_jpeg_archive(cifar10_archive, cifar10_cache):
+    d = load_cifar10(str(cifar10_archive), cifar10_cache)
     assert_shapes(d, 50_000, 10_000)
     assert np.bincount(d.y_train).tolist() == [5000] * 10
     assert np.bincount(d.y_test).tolist() == [1000] * 10
     assert len(set(d.y_train[-1000:].tolist())) == 10  # mixed, not grouped by class
     assert 100 < d.x_train.mean() < 140  # CIFAR-10's mean pixel is about 120
     # The archive's first image is among its class's images, pixel for pixel.
-    with tarfile.open(REAL_ARCHIVE, "r|gz") as tar:
+    with tarfile.open(cifar10_archive, "r|gz") as tar:
         member = next(m for m in tar if m.isfile())
         reader = tar.extractfile(member)
         assert reader is not None

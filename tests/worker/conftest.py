@@ -25,10 +25,6 @@ from app.config import Settings
 from app.serve import settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
-# In CI the repository is a clean clone with shared/ beside it.
-CIFAR10_ARCHIVE = ROOT / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
-# Decoded arrays survive between runs here (var/ is git-ignored); the first run decodes.
-DATA_CACHE = ROOT / "var" / "test-cache"
 
 # Short enough that a dead worker is noticed in seconds, long enough that a busy 2-core
 # machine does not miss a beat: the worker beats every 0.5 s.
@@ -169,18 +165,11 @@ def wait_api(proc: Proc, port: int, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="session")
-def cifar10_archive() -> Path:
-    if not CIFAR10_ARCHIVE.is_file():
-        pytest.skip(f"the CIFAR-10 archive is not at {CIFAR10_ARCHIVE.resolve()}")
-    return CIFAR10_ARCHIVE.resolve()
-
-
-@pytest.fixture(scope="session")
-def cifar10(cifar10_archive: Path) -> Any:
+def cifar10(cifar10_archive: Path, cifar10_cache: Path) -> Any:
     """Decode the archive once for the whole run (about 40 s cold); workers reuse the cache."""
     from app.ml.data import load_cifar10
 
-    return load_cifar10(str(cifar10_archive), cache_dir=DATA_CACHE)
+    return load_cifar10(str(cifar10_archive), cache_dir=cifar10_cache)
 
 
 @pytest.fixture

@@ -24,11 +24,12 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import session_factory
+from app.files import file_digest
 from app.migrate import upgrade
 from app.models import EpochMetric, Job
-from app.registry.store import LocalArtifactStore, file_digest
+from app.registry.store import LocalArtifactStore
 
-from .conftest import DATA_CACHE, FAST_ROBUSTNESS, Api, Processes, free_port, wait_api, wait_for
+from .conftest import FAST_ROBUSTNESS, Api, Processes, free_port, wait_api, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +81,7 @@ def stack(
     fresh_pg_database: Any,
     tmp_path_factory: pytest.TempPathFactory,
     cifar10_archive: Path,
+    cifar10_cache: Path,
     cifar10: Any,
 ) -> Iterator[Stack]:
     url = fresh_pg_database()
@@ -92,7 +94,7 @@ def stack(
         TRAINING_QUEUE=f"training-e2e-{tag}",
         MAINTENANCE_QUEUE=f"maintenance-e2e-{tag}",
         STATE_DIR=tmp_path_factory.mktemp("e2e-state"),
-        CACHE_DIR=DATA_CACHE,
+        CACHE_DIR=cifar10_cache,
         CIFAR10_SOURCE=str(cifar10_archive),
         **FAST_ROBUSTNESS,
     )
@@ -243,12 +245,12 @@ def _gone(pid: int) -> bool:
 
 
 def test_embedded_default_trains_restarts_its_worker_and_stops_on_ctrl_c(
-    processes: Processes, tmp_path: Path, cifar10_archive: Path, cifar10
+    processes: Processes, tmp_path: Path, cifar10_archive: Path, cifar10_cache: Path, cifar10
 ):
     settings = Settings(
         _env_file=None,
         STATE_DIR=tmp_path / "state",
-        CACHE_DIR=DATA_CACHE,
+        CACHE_DIR=cifar10_cache,
         CIFAR10_SOURCE=str(cifar10_archive),
         **FAST_ROBUSTNESS,
     )

@@ -6,6 +6,7 @@ app.jobs.execution directly, the way the worker does.
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,12 +14,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
+from app.files import file_digest
 from app.jobs import execution
 from app.jobs.execution import ClaimOutcome
 from app.jobs.service import cancel_job
 from app.jobs.sweeper import send_training
 from app.models import EpochMetric, Evaluation, Job, ModelVersion
-from app.registry.store import LocalArtifactStore, StoredArtifact, file_digest
+from app.registry.store import LocalArtifactStore, StoredArtifact
 
 
 def _now() -> datetime:
@@ -206,7 +208,7 @@ def test_control_reports_a_cancel_request(make_job, session_factory, settings):
     with session_factory() as session:
         assert execution.control(session, job.id, claim.attempt) is None
         cancel_job(session, job.id)
-        assert execution.is_cancel_requested(session, job.id)
+        assert _job(session_factory, job.id).cancel_requested
         assert execution.control(session, job.id, claim.attempt) == "cancel"
         assert execution.finish_cancelled(session, job.id, attempt=claim.attempt)
     assert _job(session_factory, job.id).status == "cancelled"
@@ -254,35 +256,21 @@ def test_finish_succeeded_registers_the_next_version(make_job, session_factory, 
             "per_class_accuracy": [0.6] * 10,
             "confusion_matrix": [[0] * 10 for _ in range(10)],
         }
+        finish = functools.partial(
+            execution.finish_succeeded,
+            evaluation=evaluation,
+            staged=staged,
+            store=store,
+            device="CPU",
+            precision="float32",
+        )
         with session_factory() as session:
-            version = execution.finish_succeeded(
-                session,
-                job.id,
-                claim.attempt,
-                evaluation=evaluation,
-                staged=staged,
-                store=store,
-                device="CPU",
-                precision="float32",
-                metrics={"test_accuracy": 0.6},
-            )
+            version = finish(session, job.id, claim.attempt, metrics={"test_accuracy": 0.6})
         assert version is not None
         versions.append(version)
         # A second finish of the same claim is refused: the job is terminal now.
         with session_factory() as session:
-            assert (
-                execution.finish_succeeded(
-                    session,
-                    job.id,
-                    claim.attempt,
-                    evaluation=evaluation,
-                    staged=staged,
-                    store=store,
-                    device="CPU",
-                    precision="float32",
-                )
-                is None
-            )
+            assert finish(session, job.id, claim.attempt) is None
     assert [v.version for v in versions] == [1, 2]
     for i, (job, version) in enumerate(zip(jobs, versions, strict=True)):
         row = _job(session_factory, job.id)

@@ -7,14 +7,12 @@ from app.ml.training import TrainConfig, checkpoint_records, train
 from app.models import EpochMetric, Job
 from app.registry.store import LocalArtifactStore
 
-from .conftest import DATA_CACHE
-
 
 def test_epochs_checkpointed_but_never_stored_are_refilled_then_training_resumes(
-    settings, make_job, session_factory, cifar10, cifar10_archive
+    settings, make_job, session_factory, cifar10, cifar10_archive, cifar10_cache
 ):
     settings = settings.model_copy(
-        update={"CIFAR10_SOURCE": str(cifar10_archive), "CACHE_DIR": DATA_CACHE}
+        update={"CIFAR10_SOURCE": str(cifar10_archive), "CACHE_DIR": cifar10_cache}
     )
     job = make_job(
         status="queued", net="net1", epochs=3, batch_size=64, train_limit=400, precision="float32"
