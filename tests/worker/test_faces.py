@@ -29,7 +29,7 @@ from app.client import ApiClient
 from app.config import Settings
 from app.migrate import upgrade
 
-from .conftest import DATA_CACHE, FAST_ROBUSTNESS, Processes, free_port, process_env
+from .conftest import FAST_ROBUSTNESS, Processes, free_port, process_env
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,7 @@ def service(
     fresh_pg_database: Any,
     tmp_path_factory: pytest.TempPathFactory,
     cifar10_archive: Path,
+    cifar10_cache: Path,
     cifar10: Any,
 ) -> Iterator[Service]:
     url = fresh_pg_database()
@@ -75,7 +76,7 @@ def service(
         TRAINING_QUEUE=f"training-faces-{tag}",
         MAINTENANCE_QUEUE=f"maintenance-faces-{tag}",
         STATE_DIR=tmp_path_factory.mktemp("faces-state"),
-        CACHE_DIR=DATA_CACHE,
+        CACHE_DIR=cifar10_cache,
         CIFAR10_SOURCE=str(cifar10_archive),
         EVENTS_POLL_S=0.2,
         **FAST_ROBUSTNESS,
