@@ -136,15 +136,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     return (
-        serve(settings, host=args.host or settings.API_HOST, port=args.port or settings.API_PORT)
+        serve(
+            settings,
+            host=args.host or settings.API_HOST,
+            port=args.port or settings.API_PORT,
+            gpus=args.gpus,
+        )
         or 0
     )
 
 
-def _cmd_worker(_: argparse.Namespace) -> int:
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpu is not None:
+        # Before TensorFlow or JAX is imported: this worker sees (and owns) that GPU only.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     # The worker's entry point lives in the `worker` package, which app/ never imports:
     # this process becomes `python -m worker.run` (same pid, environment and settings).
     os.execv(sys.executable, [sys.executable, "-m", "worker.run"])
+    return 0  # not reached: execv replaces this process
 
 
 def _cmd_migrate(_: argparse.Namespace) -> int:
@@ -204,12 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
 
-    p = sub.add_parser("serve", help="run the API and a worker")
+    p = sub.add_parser("serve", help="run the API and its workers (one per visible GPU)")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument(
+        "--gpus",
+        default="all",
+        help="'all' (one worker per visible GPU, or one CPU worker when there is none), "
+        "'none' (one worker, GPUs hidden) or a list such as 0,1",
+    )
     p.set_defaults(func=_cmd_serve)
 
-    sub.add_parser("worker", help="run one training worker").set_defaults(func=_cmd_worker)
+    p = sub.add_parser("worker", help="run one training worker")
+    p.add_argument("--gpu", type=int, default=None, help="own this GPU (sets CUDA_VISIBLE_DEVICES)")
+    p.set_defaults(func=_cmd_worker)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_cmd_migrate)
     return parser
 

@@ -38,15 +38,30 @@ class Settings(BaseSettings):
 
     PRECISION: Precision = "auto"
     WORKER_NAME: str = ""
+    # `cnn serve` keeps a second worker with TensorFlow loaded, waiting, so that a worker
+    # crash does not wait for TensorFlow to load (docs/reliability.md). Costs its memory.
+    SERVE_STANDBY_WORKER: bool = True
+    # Set by `cnn serve` on its standby worker: wait for this file before taking messages.
+    WORKER_STANDBY_FILE: str = ""
 
-    # Job robustness (see docs/jobs.md).
+    # Job robustness (docs/jobs.md, docs/reliability.md). The heartbeat is a thread, so its
+    # timeout does not depend on how long an epoch takes.
     MAX_ATTEMPTS: int = Field(default=3, ge=1)
-    HEARTBEAT_INTERVAL_S: float = Field(default=10.0, gt=0)
-    HEARTBEAT_TIMEOUT_S: float = Field(default=120.0, gt=0)
-    SWEEP_INTERVAL_S: float = Field(default=30.0, gt=0)
+    HEARTBEAT_INTERVAL_S: float = Field(default=5.0, gt=0)
+    HEARTBEAT_TIMEOUT_S: float = Field(default=30.0, gt=0)
+    SWEEP_INTERVAL_S: float = Field(default=5.0, gt=0)
     # A queued job not picked up this long after it was sent is sent again (the broker may
     # have lost it); duplicates are harmless because only one claim in the database wins.
     QUEUED_RESEND_S: float = Field(default=300.0, gt=0)
+    # Checkpoints and staged files of a job that ended this long ago are removed by the sweep.
+    CLEANUP_GRACE_S: float = Field(default=600.0, ge=0)
+    # Infrastructure faults (artifact store unwritable or full, database unreachable): the
+    # worker retries in place with back-off (1 s doubling up to INFRA_BACKOFF_MAX_S) for up
+    # to INFRA_RETRY_S, then hands the job back without using an attempt; after
+    # MAX_INFRA_FAILURES hand-backs the job fails with the operator's message.
+    INFRA_BACKOFF_MAX_S: float = Field(default=30.0, gt=0)
+    INFRA_RETRY_S: float = Field(default=300.0, ge=0)
+    MAX_INFRA_FAILURES: int = Field(default=5, ge=1)
 
     # Serving.
     PREDICT_MAX_INSTANCES: int = Field(default=256, ge=1)

@@ -73,7 +73,12 @@ class Job(Base):
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     current_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    # Claims that used up an attempt (a graceful hand-back gives its attempt back).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The fencing token: +1 on every claim, never lowered (docs/reliability.md).
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Hand-backs caused by the infrastructure (store, database), bounded by MAX_INFRA_FAILURES.
+    infra_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
     created_at: Mapped[datetime] = mapped_column(

@@ -6,8 +6,10 @@ set it runs the same pieces against PostgreSQL and Redis.
 
 The API runs here (uvicorn, main thread). The worker is a separate process (`cnn worker`)
 because TensorFlow must own its process, and so that a worker that dies (killed, out of
-memory) is simply started again: its job resumes from the last checkpoint once the
-worker's sweep sees the stale heartbeat. Ctrl-C or SIGTERM stop the API, then ask the
+memory) is simply started again. The supervisor knows the moment its worker dies, so it
+hands that worker's running job back at once (fenced by the worker's unique name and the
+job's claim) and sends it again: the new worker resumes it from the last checkpoint without
+waiting for the heartbeat timeout. Ctrl-C or SIGTERM stop the API, then ask the
 worker for a warm shutdown: a running fit stops at the next batch and its job goes back to
 the queue, to resume from its checkpoint on the next start.
 """
@@ -18,10 +20,12 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,57 +69,186 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_signal
 
 
-class WorkerSupervisor(threading.Thread):
-    """Keeps one worker process alive until stop() is called."""
+def visible_gpus(selection: str = "all") -> list[str]:
+    """The GPU ids to start one worker each for, without importing TensorFlow or JAX.
 
-    def __init__(self, settings: Settings, command: list[str] | None = None) -> None:
+    `all`: CUDA_VISIBLE_DEVICES when set (empty or -1 means none), else what `nvidia-smi -L`
+    lists; `none`: no GPU; else a comma-separated list of ids. An empty list means one
+    worker on the CPU (or on whatever the framework finds).
+    """
+    selection = selection.strip()
+    if selection == "none":
+        return []
+    if selection != "all":
+        return [part.strip() for part in selection.split(",") if part.strip()]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [part.strip() for part in env.split(",") if part.strip()]
+        return [] if not ids or ids[0] == "-1" else ids
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_command(gpu: str | None) -> list[str]:
+    command = [sys.executable, "-m", "app.cli", "worker"]
+    return command if gpu is None else [*command, "--gpu", gpu]
+
+
+def hand_back_dead_worker(settings: Settings, worker: str) -> list[str]:
+    """The running jobs of a worker that is known to be dead: back to the queue and sent now."""
+    from app.db import session_factory
+    from app.jobs import execution
+    from app.jobs.queue import enqueue_training
+
+    def send(job_id: uuid.UUID) -> None:
+        if not enqueue_training(settings, job_id):
+            raise ConnectionError(f"the broker did not accept job {job_id}")
+
+    with session_factory(settings)() as session:
+        report = execution.release_worker(session, settings, worker, send)
+    return [str(i) for i in (*report.requeued, *report.failed, *report.cancelled)]
+
+
+class WorkerSupervisor(threading.Thread):
+    """Keeps one worker process alive until stop() is called, with a loaded one in reserve.
+
+    Every worker it starts gets a unique name (WORKER_NAME), which the worker stores on
+    the jobs it claims; when the process exits, `on_death(name)` hands those jobs back.
+    With `standby` (SERVE_STANDBY_WORKER) a second worker is started that loads
+    TensorFlow and then waits for a release file (WORKER_STANDBY_FILE) before it takes any
+    message: when the active worker dies, the standby is released and a new standby
+    started, so a crash does not wait for TensorFlow to load.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        command: list[str] | None = None,
+        on_death: Callable[[str], object] | None = None,
+        standby: bool | None = None,
+    ) -> None:
         super().__init__(name="worker-supervisor", daemon=True)
-        self.command = command or [sys.executable, "-m", "app.cli", "worker"]
+        self.command = command or worker_command(None)
         # The child inherits this process's environment (PATH, CUDA_VISIBLE_DEVICES, ...)
         # with the settings laid over it.
         self.env = {**os.environ, **settings_env(settings)}
+        self.on_death = on_death
+        self.standby = settings.SERVE_STANDBY_WORKER if standby is None else standby
+        self.standby_dir = (settings.STATE_DIR / "standby").resolve()
         self.process: subprocess.Popen[bytes] | None = None
+        self.worker_name = ""
+        self.spare: subprocess.Popen[bytes] | None = None
+        self.spare_name = ""
+        self.spare_release: Path | None = None
+        self._spare_due = 0.0  # when to start a standby if there is none
         self.starts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
+    def _start(self, name: str, release: Path | None) -> subprocess.Popen[bytes]:
+        # Spawned from this thread, which lives as long as the supervision does:
+        # PDEATHSIG follows the creating thread.
+        env = {**self.env, "WORKER_NAME": name, "WORKER_STANDBY_FILE": str(release or "")}
+        process = subprocess.Popen(self.command, env=env, preexec_fn=_parent_death_signal())
+        self.starts += 1
+        return process
+
+    @staticmethod
+    def _new_name() -> str:
+        return f"serve-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+
     def _spawn(self) -> None:
+        """Start a new active worker (no standby to promote)."""
         with self._lock:
             if self._stopping.is_set():
                 return
-            # Spawned from this thread, which lives as long as the supervision does:
-            # PDEATHSIG follows the creating thread.
-            self.process = subprocess.Popen(
-                self.command, env=self.env, preexec_fn=_parent_death_signal()
-            )
-            self.starts += 1
-        log.info("worker process %d started", self.process.pid)
+            self.worker_name = self._new_name()
+            self.process = self._start(self.worker_name, None)
+        log.info("worker process %d (%s) started", self.process.pid, self.worker_name)
+
+    def _spawn_spare(self) -> None:
+        if not self.standby:
+            return
+        with self._lock:
+            if self._stopping.is_set() or (self.spare is not None and self.spare.poll() is None):
+                return
+            self.standby_dir.mkdir(parents=True, exist_ok=True)
+            self.spare_name = self._new_name()
+            self.spare_release = self.standby_dir / f"{uuid.uuid4().hex}.go"
+            self.spare = self._start(self.spare_name, self.spare_release)
+        log.info("standby worker process %d (%s) started", self.spare.pid, self.spare_name)
+
+    def _promote(self) -> bool:
+        """Release the standby to become the active worker; False when there is none."""
+        with self._lock:
+            spare, release = self.spare, self.spare_release
+            if spare is None or release is None or spare.poll() is not None:
+                return False
+            release.touch()
+            self.process, self.worker_name = spare, self.spare_name
+            self.spare, self.spare_release = None, None
+        log.info("standby worker process %d (%s) is now active", spare.pid, self.worker_name)
+        return True
+
+    def _hand_back(self, name: str) -> None:
+        if self.on_death is None:
+            return
+        try:
+            jobs = self.on_death(name)
+            if jobs:
+                log.info("handed back the job(s) of dead worker %s: %s", name, jobs)
+        except Exception:  # the sweep still requeues it once its heartbeat is stale
+            log.exception("could not hand back the jobs of dead worker %s", name)
 
     def run(self) -> None:
-        backoff = 1.0
+        backoff = 0.0
         self._spawn()
+        # The standby loads once the first worker is up, not competing with its start.
+        self._spare_due = time.monotonic() + STABLE_AFTER_S
         started = time.monotonic()
         while not self._stopping.wait(0.5):
+            spare = self.spare
+            if spare is not None and spare.poll() is not None:
+                log.warning(
+                    "standby worker process %d exited with code %s", spare.pid, spare.returncode
+                )
+                self.spare = None
+                self._spare_due = time.monotonic() + STABLE_AFTER_S  # not in a tight loop
+            if self.spare is None and time.monotonic() >= self._spare_due:
+                self._spawn_spare()
             process = self.process
             if process is None or process.poll() is None:
                 continue
             lived = time.monotonic() - started
-            backoff = 1.0 if lived >= STABLE_AFTER_S else min(backoff * 2, MAX_BACKOFF_S)
+            self._hand_back(self.worker_name)
+            backoff = 0.0 if lived >= STABLE_AFTER_S else min(max(backoff * 2, 1.0), MAX_BACKOFF_S)
             log.warning(
-                "worker process %d exited with code %s; starting a new one in %.0f s",
+                "worker process %d exited with code %s; a new one takes over in %.0f s",
                 process.pid,
                 process.returncode,
                 backoff,
             )
             if self._stopping.wait(backoff):
                 break
-            self._spawn()
+            if not self._promote():
+                self._spawn()
+            # A new standby would compete for the CPU with the job resuming right now: it is
+            # started once the new active worker has run for a while.
+            self._spare_due = time.monotonic() + STABLE_AFTER_S
             started = time.monotonic()
         self._terminate()
 
     def _terminate(self) -> None:
         with self._lock:
-            process = self.process
+            process, spare = self.process, self.spare
+        if spare is not None and spare.poll() is None:
+            spare.kill()  # holds no job: nothing to hand back
+            spare.wait()
         if process is None or process.poll() is not None:
             return
         log.info("stopping worker process %d (warm shutdown)", process.pid)
@@ -126,6 +259,7 @@ class WorkerSupervisor(threading.Thread):
             log.warning("worker process %d did not stop in time; killing it", process.pid)
             process.kill()
             process.wait()
+            self._hand_back(self.worker_name)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -135,7 +269,7 @@ class WorkerSupervisor(threading.Thread):
             self._terminate()
 
 
-def serve(settings: Settings, host: str, port: int) -> int:
+def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
     """Run until SIGINT/SIGTERM; returns the exit code for `cnn serve`."""
     import uvicorn
 
@@ -160,8 +294,31 @@ def serve(settings: Settings, host: str, port: int) -> int:
         received.append(sig)
 
     previous = {sig: signal.signal(sig, _remember) for sig in (signal.SIGINT, signal.SIGTERM)}
-    supervisor = WorkerSupervisor(settings)
-    supervisor.start()
+    devices = visible_gpus(gpus)
+    if gpus == "none":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    choices: list[str | None] = list(devices) or [None]
+    supervisors = [
+        WorkerSupervisor(
+            settings,
+            worker_command(gpu),
+            on_death=lambda name: hand_back_dead_worker(settings, name),
+        )
+        for gpu in choices
+    ]
+    log.info(
+        "starting %d worker(s) on %s",
+        len(supervisors),
+        ", ".join(f"GPU {gpu}" for gpu in devices) or "the default device",
+    )
+    # After the workers' environment is taken: on JAX the API allocates GPU memory on demand
+    # instead of preallocating, so it shares a card with the worker that owns it.
+    from app.ml.backend import configure_memory
+
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        configure_memory("api")
+    for supervisor in supervisors:
+        supervisor.start()
     try:
         if settings.API_WORKERS > 1:
             # Each API process has its own model cache and batchers; they see each other's
@@ -182,7 +339,8 @@ def serve(settings: Settings, host: str, port: int) -> int:
             )
             server.run()
     finally:
-        supervisor.stop()
+        for supervisor in supervisors:
+            supervisor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("stopped (%s)", ", ".join(signal.Signals(s).name for s in received) or "API exited")

@@ -196,6 +196,7 @@ def make_job(clean_db: None, session_factory: sessionmaker[Session]) -> Callable
             values["current_epoch"] = columns.get("epochs", values["epochs"])
         values.update(columns)
         values.setdefault("model_name", values["net"])
+        values.setdefault("claims", values["attempts"])  # every attempt was a claim
         job = Job(**values)
         with session_factory() as session:
             session.add(job)

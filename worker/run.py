@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from pathlib import Path
 
 from app.config import Settings, get_settings
 from app.jobs.queue import create_celery
@@ -39,9 +41,30 @@ def worker_options(settings: Settings) -> dict[str, object]:
     }
 
 
+def wait_until_released(release: Path) -> None:
+    """A standby worker (`cnn serve`): load what a job needs, then wait until `release` exists."""
+    import keras  # noqa: F401  (loaded now, not when the job is already waiting)
+
+    import app.jobs.runner  # noqa: F401
+    import app.ml.data  # noqa: F401
+    import app.ml.evaluation  # noqa: F401
+    from app.ml.training import configure_devices
+
+    configure_devices()
+    while not release.exists():
+        time.sleep(0.1)
+    release.unlink(missing_ok=True)
+
+
 def run_worker(settings: Settings) -> int:
     """Start the worker and block until it shuts down (SIGTERM/SIGINT: warm shutdown)."""
+    from app.ml.backend import enable_compilation_cache
     from worker import tasks
+
+    # JAX: compiled training programs persist here, so the next job skips compiling them.
+    enable_compilation_cache(settings.STATE_DIR.resolve() / "jax-cache")
+    if settings.WORKER_STANDBY_FILE:
+        wait_until_released(Path(settings.WORKER_STANDBY_FILE))
 
     tasks.use_settings(settings)
     app = create_celery(settings)

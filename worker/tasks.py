@@ -6,7 +6,8 @@ Run a worker with `cnn worker` (worker.run), or with Celery's own command:
         --prefetch-multiplier 1 -Q training,maintenance
 
 `--pool solo` runs each task in the worker's main process: TensorFlow is imported there
-(lazily, on the first job) and never in a process that forks afterwards. One worker
+(when the worker starts, before it takes a message) and never in a process that forks
+afterwards. One worker
 process per GPU, pinned with CUDA_VISIBLE_DEVICES.
 """
 
@@ -78,6 +79,18 @@ def sweep_jobs() -> dict[str, list[str]]:
 
     report = sweep_once(current_settings())
     return {key: [str(i) for i in ids] for key, ids in vars(report).items()}
+
+
+@signals.worker_init.connect
+def _load_tensorflow(**_: Any) -> None:
+    """Import TensorFlow before taking any message.
+
+    Loading its libraries holds the interpreter for seconds; done after a claim, that would
+    stall the job's heartbeat thread, and after a crash it would delay the resumed epoch.
+    """
+    from app.ml.training import configure_devices
+
+    configure_devices()
 
 
 @signals.worker_ready.connect

@@ -1,10 +1,12 @@
 """The database side of running a job (worker side): claim, progress, finish, requeue, sweep.
 
 Each function is one short transaction and every status change is a conditional UPDATE
-(`... WHERE status = <expected> AND attempts = <seen>`), so two workers, two deliveries of
-the same message or several sweepers running at once can never both win. The attempt
-number a claim produced is the claimant's fencing token: progress and finish calls made
-with it are ignored once somebody else has taken the job over (docs/jobs.md).
+(`... WHERE status = <expected> AND claims = <seen>`), so two workers, two deliveries of
+the same message or several sweepers running at once can never both win. The claim
+counter a claim produced is the claimant's fencing token: it only grows, so progress and
+finish calls made with an old token are refused once somebody else has taken the job over.
+Times that decide liveness (heartbeat_at, staleness) come from the database's clock, never
+from the host's (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, case, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import rowcount
-from app.models import EpochMetric, Evaluation, Job, ModelVersion, as_utc, utcnow
+from app.models import EpochMetric, Evaluation, Job, ModelVersion, as_utc
 from app.registry.versions import register_version
 from app.states import ALLOWED, JobStatus, check_transition, is_terminal
 
@@ -55,7 +57,7 @@ class ClaimOutcome(StrEnum):
 class ClaimResult:
     claimed: bool
     outcome: ClaimOutcome
-    attempt: int = 0  # the fencing token for record_epoch/heartbeat/finish_* when claimed
+    token: int = 0  # the fencing token (jobs.claims) for record_epoch/heartbeat/finish_*
     job: Job | None = None
 
 
@@ -65,6 +67,7 @@ class SweepReport:
     failed: list[uuid.UUID] = field(default_factory=list)
     cancelled: list[uuid.UUID] = field(default_factory=list)
     resent: list[uuid.UUID] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)  # jobs whose leftover files were removed
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -75,6 +78,25 @@ def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
 def _sources(target: JobStatus) -> list[str]:
     """Every status that may become `target`, straight from the state machine."""
     return [str(s) for s, allowed in ALLOWED.items() if target in allowed]
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock (UTC): the one clock every worker, sweeper and API agrees on.
+
+    PostgreSQL's now() is the start of the current transaction, which this call begins
+    (or joins), so the value is current for the statements that follow it. SQLite is a
+    file on the one host that uses it, so its clock is that host's.
+    """
+    dialect = session.get_bind().dialect.name
+    value: datetime | None
+    if dialect == "sqlite":
+        text = session.scalar(select(func.strftime("%Y-%m-%d %H:%M:%f", "now")))
+        value = datetime.fromisoformat(str(text))
+    else:
+        value = session.scalar(select(func.now()))
+    result = as_utc(value)
+    assert result is not None
+    return result
 
 
 def _stale(before: datetime) -> ColumnElement[bool]:
@@ -101,8 +123,9 @@ def _transition(
     return rowcount(result) == 1
 
 
-def _fence(attempt: int | None) -> list[ColumnElement[bool]]:
-    return [] if attempt is None else [Job.attempts == attempt]
+def _owned(token: int) -> list[ColumnElement[bool]]:
+    """The fence of every worker write: the job is running and still under this claim."""
+    return [Job.status == str(JobStatus.RUNNING), Job.claims == token]
 
 
 def _clip(message: str) -> str:
@@ -125,7 +148,7 @@ def _stale_before(settings: Settings, now: datetime) -> datetime:
 def claim(
     session: Session, job_id: uuid.UUID | str, worker: str, settings: Settings
 ) -> ClaimResult:
-    """Take the job for `worker`, or say why not. Counts an attempt on every successful claim.
+    """Take the job for `worker`, or say why not. Counts an attempt and a claim when taken.
 
     A job that is running with a fresh heartbeat belongs to its claimant: a second delivery
     of the same message (Redis visibility timeout, a re-sent message) is refused. A running
@@ -133,11 +156,11 @@ def claim(
     requeue and a claim (running -> queued -> running) done in one statement.
     """
     job_id = _as_uuid(job_id)
-    now = utcnow()
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         session.rollback()
         return ClaimResult(False, ClaimOutcome.MISSING)
+    now = db_now(session)
     status = JobStatus(job.status)
     if is_terminal(status):
         session.rollback()
@@ -148,7 +171,7 @@ def claim(
         session.rollback()
         return ClaimResult(False, ClaimOutcome.BUSY, job=job)
 
-    seen = [Job.attempts == job.attempts, Job.status == str(status)]
+    seen = [Job.claims == job.claims, Job.status == str(status)]
     if status is JobStatus.RUNNING:
         seen.append(_stale(stale_before))
 
@@ -173,6 +196,7 @@ def claim(
         .values(
             status=str(JobStatus.RUNNING),
             attempts=job.attempts + 1,
+            claims=job.claims + 1,
             worker=worker,
             heartbeat_at=now,
             started_at=job.started_at or now,
@@ -180,14 +204,14 @@ def claim(
         )
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(result) != 1:
         session.rollback()
         return ClaimResult(False, ClaimOutcome.LOST_RACE, job=session.get(Job, job_id))
     session.commit()
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     outcome = ClaimOutcome.TAKEN_OVER if status is JobStatus.RUNNING else ClaimOutcome.CLAIMED
-    return ClaimResult(True, outcome, attempt=job.attempts, job=job)
+    return ClaimResult(True, outcome, token=job.claims, job=job)
 
 
 def _claim_refused(
@@ -250,27 +274,27 @@ def record_epoch(
     job_id: uuid.UUID | str,
     record: EpochRecord | Mapping[str, Any],
     *,
-    attempt: int | None = None,
+    token: int,
 ) -> bool:
     """Store one finished epoch and move the job's progress and heartbeat, in one transaction.
 
     `record` is an EpochRecord or a mapping with its fields. Returns False (and writes
-    nothing) when the job is no longer running under this claim (`attempt`).
+    nothing) when the job is no longer running under this claim (`token`).
     """
     job_id = _as_uuid(job_id)
     values = _record_values(record)
-    now = utcnow()
+    now = db_now(session)
     epoch = values["epoch"]
     moved = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == str(JobStatus.RUNNING), *_fence(attempt))
+        .where(Job.id == job_id, *_owned(token))
         .values(
             current_epoch=case((Job.current_epoch < epoch, epoch), else_=Job.current_epoch),
             heartbeat_at=now,
         )
         .execution_options(synchronize_session=False)
     )
-    if moved.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(moved) != 1:
         session.rollback()
         return False
     _insert_ignoring_duplicates(session, {"job_id": job_id, "created_at": now, **values})
@@ -278,29 +302,40 @@ def record_epoch(
     return True
 
 
-def heartbeat(session: Session, job_id: uuid.UUID | str, attempt: int | None = None) -> bool:
-    """Say "still alive"; False when the job is no longer running under this claim."""
+def _owned_update(session: Session, job_id: uuid.UUID | str, token: int, **values: Any) -> bool:
+    """UPDATE a job this claim owns (heartbeat_at from the database's clock); commit."""
+    values.setdefault("heartbeat_at", db_now(session))
     result = session.execute(
         update(Job)
-        .where(Job.id == _as_uuid(job_id), Job.status == str(JobStatus.RUNNING), *_fence(attempt))
-        .values(heartbeat_at=utcnow())
+        .where(Job.id == _as_uuid(job_id), *_owned(token))
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     session.commit()
     return rowcount(result) == 1
 
 
-def control(session: Session, job_id: uuid.UUID | str, attempt: int) -> str | None:
+def heartbeat(session: Session, job_id: uuid.UUID | str, token: int) -> bool:
+    """Say "still alive"; False when the job is no longer running under this claim."""
+    return _owned_update(session, job_id, token)
+
+
+def note_problem(session: Session, job_id: uuid.UUID | str, token: int, message: str) -> bool:
+    """Show an operator what the worker is retrying (job.error while it still runs)."""
+    return _owned_update(session, job_id, token, error=_clip(message))
+
+
+def control(session: Session, job_id: uuid.UUID | str, token: int) -> str | None:
     """What the training loop should do now: None (go on), "cancel", or "lost".
 
     "lost" means the job is no longer running under this claim (taken over after a long
     stall, or finished by someone else): stop without touching the job.
     """
     row = session.execute(
-        select(Job.status, Job.attempts, Job.cancel_requested).where(Job.id == _as_uuid(job_id))
+        select(Job.status, Job.claims, Job.cancel_requested).where(Job.id == _as_uuid(job_id))
     ).one_or_none()
     session.rollback()
-    if row is None or row.status != JobStatus.RUNNING or row.attempts != attempt:
+    if row is None or row.status != JobStatus.RUNNING or row.claims != token:
         return "lost"
     return "cancel" if row.cancel_requested else None
 
@@ -313,16 +348,16 @@ def last_recorded_epoch(session: Session, job_id: uuid.UUID | str) -> int:
     return max(epochs, default=0)
 
 
-def forget_epochs(session: Session, job_id: uuid.UUID | str, attempt: int) -> bool:
-    """Drop a running job's epoch rows (before it restarts from scratch); fenced by attempt."""
+def forget_epochs(session: Session, job_id: uuid.UUID | str, token: int) -> bool:
+    """Drop a running job's epoch rows (before it restarts from scratch); fenced by the claim."""
     job_id = _as_uuid(job_id)
     owned = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == str(JobStatus.RUNNING), Job.attempts == attempt)
-        .values(current_epoch=0, heartbeat_at=utcnow())
+        .where(Job.id == job_id, *_owned(token))
+        .values(current_epoch=0, heartbeat_at=db_now(session))
         .execution_options(synchronize_session=False)
     )
-    if owned.rowcount != 1:  # type: ignore[attr-defined]
+    if rowcount(owned) != 1:
         session.rollback()
         return False
     for row in session.scalars(select(EpochMetric).where(EpochMetric.job_id == job_id)):
@@ -332,28 +367,17 @@ def forget_epochs(session: Session, job_id: uuid.UUID | str, attempt: int) -> bo
 
 
 def mark_started(
-    session: Session, job_id: uuid.UUID | str, attempt: int, *, device: str, precision: str
+    session: Session, job_id: uuid.UUID | str, token: int, *, device: str, precision: str
 ) -> bool:
     """Record where and how the job trains (shown by GET /jobs/{id} while it runs)."""
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == _as_uuid(job_id),
-            Job.status == str(JobStatus.RUNNING),
-            Job.attempts == attempt,
-        )
-        .values(device=device, precision=precision, heartbeat_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return rowcount(result) == 1
+    return _owned_update(session, job_id, token, device=device, precision=precision)
 
 
 # ----------------------------------------------------------------------------- finish
 def finish_succeeded(
     session: Session,
     job_id: uuid.UUID | str,
-    attempt: int,
+    token: int,
     *,
     evaluation: EvaluationResult | Mapping[str, Any],
     staged: StoredArtifact,
@@ -364,20 +388,23 @@ def finish_succeeded(
 ) -> ModelVersion | None:
     """succeeded + evaluation row + next registered version + job.model_version_id, atomically.
 
+    The statement that records success also checks that no cancel was requested, so a
+    cancel the API accepted (200) always wins; the caller then finishes the job cancelled.
     The version row is flushed (holding its (name, version) slot) before the model file is
     copied to models/<name>/<version>/, so a concurrent registration can never overwrite a
-    file that a committed version points at. Returns None when the claim was lost.
+    file that a committed version points at. Returns None when the claim was lost or a
+    cancel was requested (`control` says which).
     """
     job_id = _as_uuid(job_id)
     eval_values = evaluation if isinstance(evaluation, Mapping) else evaluation.to_dict()
     for _ in range(REGISTER_RETRIES):
-        now = utcnow()
+        now = db_now(session)
         changed = _transition(
             session,
             job_id,
             JobStatus.SUCCEEDED,
-            Job.status == str(JobStatus.RUNNING),
-            Job.attempts == attempt,
+            *_owned(token),
+            Job.cancel_requested.is_(False),
             finished_at=now,
             heartbeat_at=now,
             device=device,
@@ -405,7 +432,11 @@ def finish_succeeded(
             # Another job registered the same name and version first: take the next one.
             session.rollback()
             continue
-        published = store.publish_model(staged.path, job.model_name, version.version)
+        try:
+            published = store.publish_model(staged.path, job.model_name, version.version)
+        except BaseException:
+            session.rollback()  # nothing is committed: the job is still running, ours
+            raise
         if published.sha256 != staged.sha256:
             session.rollback()
             raise OSError(f"artifact copy of job {job_id} is corrupt (sha256 mismatch)")
@@ -416,15 +447,14 @@ def finish_succeeded(
     raise RuntimeError(f"could not register a model version for job {job_id}")
 
 
-def finish_failed(
-    session: Session, job_id: uuid.UUID | str, message: str, *, attempt: int | None = None
-) -> bool:
-    now = utcnow()
+def finish_failed(session: Session, job_id: uuid.UUID | str, message: str, *, token: int) -> bool:
+    """running -> failed, only under this claim (a superseded worker fails nothing)."""
+    now = db_now(session)
     changed = _transition(
         session,
         _as_uuid(job_id),
         JobStatus.FAILED,
-        *_fence(attempt),
+        *_owned(token),
         finished_at=now,
         heartbeat_at=now,
         error=_clip(message),
@@ -433,82 +463,156 @@ def finish_failed(
     return changed
 
 
-def finish_cancelled(
-    session: Session, job_id: uuid.UUID | str, *, attempt: int | None = None
-) -> bool:
-    now = utcnow()
+def finish_cancelled(session: Session, job_id: uuid.UUID | str, *, token: int) -> bool:
+    """running -> cancelled, only under this claim."""
+    now = db_now(session)
     changed = _transition(
-        session, _as_uuid(job_id), JobStatus.CANCELLED, *_fence(attempt), finished_at=now
+        session, _as_uuid(job_id), JobStatus.CANCELLED, *_owned(token), finished_at=now
     )
     session.commit()
     return changed
 
 
-def requeue(
+class HandBack:
+    """What hand_back did."""
+
+    REQUEUED = "requeued"
+    FAILED = "failed"  # an infrastructure fault hit its limit
+    LOST = "lost"  # not ours any more
+
+
+def hand_back(
     session: Session,
     job_id: uuid.UUID | str,
     *,
-    attempt: int | None = None,
-    refund_attempt: bool = False,
-) -> bool:
-    """running -> queued with enqueued_at cleared, so the next sweep sends it again.
+    token: int,
+    settings: Settings,
+    infra_message: str | None = None,
+) -> str:
+    """running -> queued without using up an attempt: the worker stops, not the job.
 
-    `refund_attempt` is for a worker that is being shut down on purpose: stopping for a
-    deploy is not a crash and must not count towards MAX_ATTEMPTS.
+    For a worker shutting down on purpose (SIGTERM from a deploy) and for infrastructure
+    faults (`infra_message`), which are counted in infra_failures instead, up to
+    MAX_INFRA_FAILURES: then the job fails with the message. enqueued_at is cleared, so
+    the next sweep sends the job again; the checkpoint stays for the next claim.
     """
-    values: dict[str, Any] = {"worker": None, "enqueued_at": None}
-    if refund_attempt:
-        values["attempts"] = case((Job.attempts > 0, Job.attempts - 1), else_=0)
-    changed = _transition(session, _as_uuid(job_id), JobStatus.QUEUED, *_fence(attempt), **values)
+    job_id = _as_uuid(job_id)
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.status != JobStatus.RUNNING or job.claims != token:
+        session.rollback()
+        return HandBack.LOST
+    now = db_now(session)
+    fence = (*_owned(token), Job.infra_failures == job.infra_failures)
+    if infra_message is not None and job.infra_failures + 1 >= settings.MAX_INFRA_FAILURES:
+        message = (
+            f"gave up after {job.infra_failures + 1} infrastructure faults "
+            f"(limit {settings.MAX_INFRA_FAILURES}); the last one: {infra_message}"
+        )
+        changed = _transition(
+            session, job_id, JobStatus.FAILED, *fence, finished_at=now, error=_clip(message)
+        )
+        session.commit()
+        return HandBack.FAILED if changed else HandBack.LOST
+    values: dict[str, Any] = {
+        "worker": None,
+        "enqueued_at": None,
+        "attempts": case((Job.attempts > 0, Job.attempts - 1), else_=0),
+    }
+    if infra_message is not None:
+        values.update(infra_failures=Job.infra_failures + 1, error=_clip(infra_message))
+    changed = _transition(session, job_id, JobStatus.QUEUED, *fence, **values)
     session.commit()
-    return changed
+    return HandBack.REQUEUED if changed else HandBack.LOST
+
+
+# ----------------------------------------------------------------------------- recovery
+def _recover(
+    session: Session,
+    settings: Settings,
+    job_id: uuid.UUID,
+    attempts: int,
+    cancel: bool,
+    seen: tuple[ColumnElement[bool], ...],
+    now: datetime,
+    enqueue: Callable[[uuid.UUID], None],
+    report: SweepReport,
+) -> None:
+    """A running job whose worker is gone: cancelled, failed at the limit, or queued and sent."""
+    if cancel:
+        if _transition(session, job_id, JobStatus.CANCELLED, *seen, finished_at=now):
+            report.cancelled.append(job_id)
+        session.commit()
+    elif attempts >= settings.MAX_ATTEMPTS:
+        message = attempts_exhausted_message(attempts, settings.MAX_ATTEMPTS)
+        if _transition(session, job_id, JobStatus.FAILED, *seen, finished_at=now, error=message):
+            report.failed.append(job_id)
+        session.commit()
+    else:
+        requeued = _transition(
+            session, job_id, JobStatus.QUEUED, *seen, worker=None, enqueued_at=now
+        )
+        session.commit()
+        if requeued:
+            report.requeued.append(job_id)
+            _send(session, job_id, enqueue)
+
+
+def release_worker(
+    session: Session, settings: Settings, worker: str, enqueue: Callable[[uuid.UUID], None]
+) -> SweepReport:
+    """Hand back at once the running jobs of a worker process known to be dead.
+
+    For a supervisor that saw its child exit (`cnn serve`): no need to wait for the
+    heartbeat to go stale. Fenced by worker name and claim; the dead worker's claim counts
+    as a used attempt, as any crash does.
+    """
+    report = SweepReport()
+    rows = session.execute(
+        select(Job.id, Job.claims, Job.attempts, Job.cancel_requested).where(
+            Job.status == str(JobStatus.RUNNING), Job.worker == worker
+        )
+    ).all()
+    now = db_now(session)
+    session.rollback()
+    for job_id, claims, attempts, cancel in rows:
+        seen = (Job.status == str(JobStatus.RUNNING), Job.claims == claims, Job.worker == worker)
+        _recover(session, settings, job_id, attempts, cancel, seen, now, enqueue, report)
+    return report
 
 
 # ----------------------------------------------------------------------------- sweep
 def sweep(
-    session: Session, settings: Settings, enqueue: Callable[[uuid.UUID], None]
+    session: Session,
+    settings: Settings,
+    enqueue: Callable[[uuid.UUID], None],
+    store: ArtifactStore | None = None,
 ) -> SweepReport:
     """Repair what dead workers and lost messages left behind; safe to run anywhere, often.
 
-    - running with a stale heartbeat: back to queued and sent again, or failed once the
-      attempts are used up, or cancelled if a cancel was requested meanwhile;
+    - running with a stale heartbeat (by the database's clock): back to queued and sent
+      again, or failed once the attempts are used up, or cancelled if a cancel was
+      requested meanwhile;
     - queued and never sent (enqueued_at null) or sent more than QUEUED_RESEND_S ago and not
-      picked up: sent again (the broker may have lost it; a duplicate is refused by claim).
+      picked up: sent again (the broker may have lost it; a duplicate is refused by claim);
+    - with `store`: checkpoints and staged files of jobs that ended more than
+      CLEANUP_GRACE_S ago are removed, whoever ended them.
     """
     report = SweepReport()
-    now = utcnow()
+    now = db_now(session)
     stale_before = _stale_before(settings, now)
     stale = session.execute(
-        select(Job.id, Job.attempts, Job.cancel_requested).where(
+        select(Job.id, Job.claims, Job.attempts, Job.cancel_requested).where(
             Job.status == str(JobStatus.RUNNING), _stale(stale_before)
         )
     ).all()
     session.rollback()
-    for job_id, attempts, cancel in stale:
+    for job_id, claims, attempts, cancel in stale:
         seen = (
             Job.status == str(JobStatus.RUNNING),
-            Job.attempts == attempts,
+            Job.claims == claims,
             _stale(stale_before),
         )
-        if cancel:
-            if _transition(session, job_id, JobStatus.CANCELLED, *seen, finished_at=now):
-                report.cancelled.append(job_id)
-            session.commit()
-        elif attempts >= settings.MAX_ATTEMPTS:
-            message = attempts_exhausted_message(attempts, settings.MAX_ATTEMPTS)
-            if _transition(
-                session, job_id, JobStatus.FAILED, *seen, finished_at=now, error=message
-            ):
-                report.failed.append(job_id)
-            session.commit()
-        else:
-            requeued = _transition(
-                session, job_id, JobStatus.QUEUED, *seen, worker=None, enqueued_at=now
-            )
-            session.commit()
-            if requeued:
-                report.requeued.append(job_id)
-                _send(session, job_id, enqueue)
+        _recover(session, settings, job_id, attempts, cancel, seen, now, enqueue, report)
 
     resend_before = now - timedelta(seconds=settings.QUEUED_RESEND_S)
     not_sent = or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend_before)
@@ -538,10 +642,44 @@ def sweep(
             .execution_options(synchronize_session=False)
         )
         session.commit()
-        if taken.rowcount == 1:  # type: ignore[attr-defined]
+        if rowcount(taken) == 1:
             report.resent.append(job_id)
             _send(session, job_id, enqueue)
+
+    if store is not None:
+        clean_up_files(session, settings, store, now, report)
     return report
+
+
+def clean_up_files(
+    session: Session, settings: Settings, store: ArtifactStore, now: datetime, report: SweepReport
+) -> None:
+    """Remove checkpoints/staged files of jobs terminal for CLEANUP_GRACE_S (or deleted)."""
+    folders = store.job_folders()
+    if not folders:
+        return
+    ids: dict[uuid.UUID, str] = {}
+    for name in folders:
+        try:
+            ids[uuid.UUID(name)] = name
+        except ValueError:
+            continue
+    rows = session.execute(
+        select(Job.id, Job.status, Job.finished_at).where(Job.id.in_(list(ids)))
+    ).all()
+    session.rollback()
+    known = {row.id: row for row in rows}
+    ended_before = now - timedelta(seconds=settings.CLEANUP_GRACE_S)
+    for job_id, name in ids.items():
+        row = known.get(job_id)
+        if row is None:
+            gone = store.folder_age_s(name) > settings.CLEANUP_GRACE_S  # its job was deleted
+        else:
+            finished = as_utc(row.finished_at)
+            gone = is_terminal(row.status) and (finished is None or finished <= ended_before)
+        if gone:
+            store.discard_job_files(name)
+            report.cleaned.append(name)
 
 
 def _send(session: Session, job_id: uuid.UUID, enqueue: Callable[[uuid.UUID], None]) -> None:

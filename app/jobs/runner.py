@@ -2,13 +2,14 @@
 
 The glue between the database (app.jobs.execution), the artifact store and the
 training core (app.ml). No Celery and no HTTP here, so the same runner works under any
-task queue; the worker's task only hands it a job id. TensorFlow is imported lazily, after
-the claim, so a duplicate delivery is refused without loading it.
+task queue; the worker's task only hands it a job id. The worker loads TensorFlow when it
+starts (worker/tasks.py), so loading it never stalls a claimed job's heartbeat.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import sys
 import threading
@@ -17,9 +18,9 @@ import uuid
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -46,18 +47,22 @@ class Outcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    REQUEUED = "requeued"  # the worker is shutting down: the job goes back to the queue
+    REQUEUED = "requeued"  # handed back (shutdown, infrastructure fault): queued again
     LOST = "lost"  # someone else owns the job now; nothing was written
+
+
+class _Interrupted(Exception):
+    """Leave the current phase: cancel requested, claim lost, or the worker shuts down."""
 
 
 class _Heartbeat(threading.Thread):
     """Writes heartbeat_at every interval so the sweep knows this claim is alive."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], job_id: uuid.UUID, attempt: int, interval: float
+        self, sessions: sessionmaker[Session], job_id: uuid.UUID, token: int, interval: float
     ) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self._sessions, self._job_id, self._attempt = sessions, job_id, attempt
+        self._sessions, self._job_id, self._token = sessions, job_id, token
         self._interval = interval
         self._halt = threading.Event()
         self.lost = threading.Event()
@@ -66,7 +71,8 @@ class _Heartbeat(threading.Thread):
         while not self._halt.wait(self._interval):
             try:
                 with self._sessions() as session:
-                    if not execution.heartbeat(session, self._job_id, self._attempt):
+                    if not execution.heartbeat(session, self._job_id, self._token):
+                        log.warning("job %s: heartbeat refused, the claim is lost", self._job_id)
                         self.lost.set()
                         return
             except Exception:  # a database blip must not kill the thread; the next beat retries
@@ -84,11 +90,11 @@ class _Control:
         self,
         sessions: sessionmaker[Session],
         job_id: uuid.UUID,
-        attempt: int,
+        token: int,
         shutdown: threading.Event | None,
         heartbeat: _Heartbeat,
     ) -> None:
-        self._sessions, self._job_id, self._attempt = sessions, job_id, attempt
+        self._sessions, self._job_id, self._token = sessions, job_id, token
         self._shutdown = shutdown
         self._heartbeat = heartbeat
         self._next_poll = 0.0
@@ -97,18 +103,36 @@ class _Control:
     def lose(self) -> None:
         self.reason = self.reason or "lost"
 
-    def should_stop(self) -> bool:
+    def should_stop(self, force: bool = False) -> bool:
         if self.reason is not None:
             return True
         if self._heartbeat.lost.is_set():
             self.reason = "lost"
         elif self._shutdown is not None and self._shutdown.is_set():
             self.reason = "shutdown"
-        elif time.monotonic() >= self._next_poll:
+        elif force or time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + CONTROL_POLL_S
-            with self._sessions() as session:
-                self.reason = execution.control(session, self._job_id, self._attempt)
+            try:
+                with self._sessions() as session:
+                    self.reason = execution.control(session, self._job_id, self._token)
+            except DB_ERRORS:  # the database is briefly away: ask again at the next poll
+                log.warning("job %s: could not read its control flags", self._job_id)
         return self.reason is not None
+
+    def checkpoint(self) -> None:
+        """Between phases: leave now if a cancel, a shutdown or a lost claim is pending."""
+        if self.should_stop(force=True):
+            raise _Interrupted(self.reason)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait (a back-off) while still answering cancel, shutdown and a lost claim."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.checkpoint()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, CONTROL_POLL_S))
 
 
 def run_job(
@@ -120,9 +144,11 @@ def run_job(
 ) -> Outcome | execution.ClaimOutcome:
     """Claim and run one job; returns an Outcome or a ClaimOutcome when it was not claimed.
 
-    Errors in training end the job `failed` with a message the user can act on and do not
-    propagate, so the worker goes on to its next job. Only database errors propagate: then
-    nothing can be recorded, and the sweep puts the job back once its heartbeat is stale.
+    Training faults end the job `failed` with a message the user can act on, and the worker
+    goes on to its next job. Infrastructure faults (store, database) are retried with
+    back-off and then handed back without using an attempt (docs/reliability.md). Only a
+    database that stays unreachable propagates: nothing can be recorded, and the sweep puts
+    the job back once its heartbeat is stale.
     """
     job_id = uuid.UUID(str(job_id))
     sessions = session_factory(settings)
@@ -132,14 +158,24 @@ def run_job(
         log.info("job %s not run by %s: %s", job_id, worker, claim.outcome)
         return claim.outcome
     assert claim.job is not None
-    log.info("job %s claimed by %s (attempt %d, %s)", job_id, worker, claim.attempt, claim.outcome)
-    beat = _Heartbeat(sessions, job_id, claim.attempt, settings.HEARTBEAT_INTERVAL_S)
+    log.info(
+        "job %s claimed by %s (claim %d, attempt %d, %s)",
+        job_id,
+        worker,
+        claim.token,
+        claim.job.attempts,
+        claim.outcome,
+    )
+    beat = _Heartbeat(sessions, job_id, claim.token, settings.HEARTBEAT_INTERVAL_S)
     beat.start()
     try:
-        runner = _Runner(settings, sessions, claim.job, claim.attempt, shutdown, beat)
-        return runner.run()
+        runner = _Runner(settings, sessions, claim.job, claim.token, shutdown, beat)
+        outcome = runner.run()
     finally:
         beat.stop()
+    if outcome == Outcome.LOST:
+        log.warning("job %s lost by %s: another claim owns it; nothing written", job_id, worker)
+    return outcome
 
 
 class _Runner:
@@ -148,13 +184,13 @@ class _Runner:
         settings: Settings,
         sessions: sessionmaker[Session],
         job: Job,
-        attempt: int,
+        token: int,
         shutdown: threading.Event | None,
         beat: _Heartbeat,
     ) -> None:
-        self.settings, self.sessions, self.job, self.attempt = settings, sessions, job, attempt
+        self.settings, self.sessions, self.job, self.token = settings, sessions, job, token
         self.store = LocalArtifactStore.from_settings(settings)
-        self.control = _Control(sessions, job.id, attempt, shutdown, beat)
+        self.control = _Control(sessions, job.id, token, shutdown, beat)
         self.device = "unknown"
 
     def _db(
@@ -163,22 +199,80 @@ class _Runner:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> R:
-        """Call an app.jobs.execution step for this job in a session of its own."""
-        with self.sessions() as session:
-            return fn(session, self.job.id, *args, **kwargs)
+        """One app.jobs.execution step for this job in a session of its own, retried with
+        back-off while the database is unreachable."""
+        deadline = time.monotonic() + self.settings.INFRA_RETRY_S
+        delay = 0.5
+        while True:
+            try:
+                with self.sessions() as session:
+                    return fn(session, self.job.id, *args, **kwargs)
+            except DB_ERRORS as exc:
+                if not is_database_fault(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "job %s: database error, retrying in %.1f s: %s", self.job.id, delay, exc
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, self.settings.INFRA_BACKOFF_MAX_S)
 
     def run(self) -> Outcome:
         try:
             return self._train_and_finish()
-        except (OperationalError, DBAPIError):
-            raise  # the database is unreachable: leave the job to the sweep
+        except _Interrupted:
+            return self._stopped()
         except Exception as exc:
+            if is_infrastructure_fault(exc):
+                return self._infrastructure_fault(exc)
             message = failure_message(exc, self.job, self.settings, self.device)
             log.warning("job %s failed: %s", self.job.id, message, exc_info=True)
-            if self._db(execution.finish_failed, message, attempt=self.attempt):
+            if self._db(execution.finish_failed, message, token=self.token):
                 self._clean_up()
                 return Outcome.FAILED
             return Outcome.LOST
+
+    def _infrastructure_fault(self, exc: BaseException) -> Outcome:
+        """Hand the job back after a back-off, keeping its checkpoint and its attempts."""
+        message = infrastructure_message(exc, self.settings)
+        log.warning("job %s: infrastructure fault: %s", self.job.id, message, exc_info=True)
+        try:
+            backoff = min(2.0**self.job.infra_failures, self.settings.INFRA_BACKOFF_MAX_S)
+            self._db(execution.note_problem, self.token, message)
+            self.control.sleep(backoff)
+        except _Interrupted:
+            return self._stopped()
+        result = self._db(
+            execution.hand_back, token=self.token, settings=self.settings, infra_message=message
+        )
+        if result == execution.HandBack.REQUEUED:
+            return Outcome.REQUEUED
+        if result == execution.HandBack.FAILED:
+            self._clean_up()
+            return Outcome.FAILED
+        return Outcome.LOST
+
+    def _retry_infrastructure(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn`, retrying infrastructure faults in place with back-off for INFRA_RETRY_S.
+
+        The job stays this worker's (heartbeat on); job.error tells the operator what is
+        wrong meanwhile. Past the deadline the fault propagates and the job is handed back.
+        """
+        deadline = time.monotonic() + self.settings.INFRA_RETRY_S
+        delay = 1.0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if not is_infrastructure_fault(exc) or time.monotonic() + delay > deadline:
+                    raise
+                message = infrastructure_message(exc, self.settings)
+                log.warning(
+                    "job %s: %s failed, retrying in %.0f s: %s", self.job.id, what, delay, message
+                )
+                if not self._db(execution.note_problem, self.token, f"retrying {what}: {message}"):
+                    raise _Interrupted("lost") from exc
+                self.control.sleep(delay)
+                delay = min(delay * 2, self.settings.INFRA_BACKOFF_MAX_S)
 
     def _train_and_finish(self) -> Outcome:
         from app.ml.data import load_cifar10
@@ -199,17 +293,19 @@ class _Runner:
         # Resolve `auto` once and store it, so a resumed attempt uses the same policy.
         config = dataclasses.replace(config, precision=resolve_precision(requested))
         if not self._db(
-            execution.mark_started, self.attempt, device=self.device, precision=config.precision
+            execution.mark_started, self.token, device=self.device, precision=config.precision
         ):
             return Outcome.LOST
+        self.control.checkpoint()
 
         data = load_cifar10(settings.CIFAR10_SOURCE, cache_dir=settings.cache_dir)
+        self.control.checkpoint()
         checkpoint_dir = self.store.checkpoint_dir(job.id)
         if not self._align_checkpoint(checkpoint_dir):
             return Outcome.LOST
 
         def on_epoch(record: EpochRecord) -> None:
-            if not self._db(execution.record_epoch, record, attempt=self.attempt):
+            if not self._db(execution.record_epoch, record, token=self.token):
                 self.control.lose()  # should_stop() ends the fit at the next batch
 
         result = train(
@@ -221,9 +317,10 @@ class _Runner:
         )
         if result.cancelled or self.control.reason is not None:
             return self._stopped()
+        self.control.checkpoint()
 
         evaluation = evaluate(result.model, data.x_test, data.y_test)
-        staged = self.store.stage_model(result.model, job.id)
+        self.control.checkpoint()
         metrics = {
             "test_loss": evaluation.test_loss,
             "test_accuracy": evaluation.test_accuracy,
@@ -231,19 +328,27 @@ class _Runner:
             "device": result.device,
             "precision": result.precision,
         }
-        version = self._db(
-            execution.finish_succeeded,
-            self.attempt,
-            evaluation=evaluation,
-            staged=staged,
-            store=self.store,
-            device=result.device,
-            precision=result.precision,
-            metrics=metrics,
-        )
+
+        def stage_and_register() -> Any:
+            staged = self.store.stage_model(result.model, job.id)
+            self.control.checkpoint()
+            return self._db(
+                execution.finish_succeeded,
+                self.token,
+                evaluation=evaluation,
+                staged=staged,
+                store=self.store,
+                device=result.device,
+                precision=result.precision,
+                metrics=metrics,
+            )
+
+        version = self._retry_infrastructure("saving and registering the model", stage_and_register)
         if version is None:
+            # Not recorded: a cancel was accepted meanwhile (it wins), or the claim is lost.
             self.store.discard_staging(job.id)
-            return Outcome.LOST
+            self.control.should_stop(force=True)
+            return self._stopped()
         log.info("job %s succeeded: %s version %d", job.id, version.name, version.version)
         self._clean_up()
         return Outcome.SUCCEEDED
@@ -265,7 +370,7 @@ class _Runner:
             missing = [r for r in checkpoint_records(checkpoint_dir) if r.epoch > recorded]
             if [r.epoch for r in missing] == list(range(recorded + 1, done + 1)):
                 for record in missing:
-                    if not self._db(execution.record_epoch, record, attempt=self.attempt):
+                    if not self._db(execution.record_epoch, record, token=self.token):
                         return False
                 log.info(
                     "job %s: refilled epochs %d-%d from its checkpoint",
@@ -285,19 +390,20 @@ class _Runner:
             recorded,
         )
         self.store.discard_checkpoints(self.job.id)
-        return bool(self._db(execution.forget_epochs, self.attempt))
+        return bool(self._db(execution.forget_epochs, self.token))
 
     def _stopped(self) -> Outcome:
         reason = self.control.reason
         if reason == "cancel":
-            if self._db(execution.finish_cancelled, attempt=self.attempt):
+            if self._db(execution.finish_cancelled, token=self.token):
                 self._clean_up()
                 return Outcome.CANCELLED
             return Outcome.LOST
         if reason == "shutdown":
-            # Not a crash: give the attempt back; the checkpoint lets the next worker resume.
-            if self._db(execution.requeue, attempt=self.attempt, refund_attempt=True):
-                log.info("job %s requeued because the worker is shutting down", self.job.id)
+            # Not a crash: the attempt is given back; the checkpoint lets the next claim resume.
+            result = self._db(execution.hand_back, token=self.token, settings=self.settings)
+            if result == execution.HandBack.REQUEUED:
+                log.info("job %s handed back because the worker is shutting down", self.job.id)
                 return Outcome.REQUEUED
         return Outcome.LOST
 
@@ -305,6 +411,81 @@ class _Runner:
         """A terminal job never resumes: its checkpoint and staged file are dead weight."""
         self.store.discard_checkpoints(self.job.id)
         self.store.discard_staging(self.job.id)
+
+
+# ----------------------------------------------------------------------------- fault classes
+DB_ERRORS = (OperationalError, InterfaceError, DBAPIError)
+# errno values that say the storage is at fault, not the job: full, read-only, forbidden,
+# broken mount, a path component that is not a folder.
+STORAGE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.ESTALE,
+    }
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def is_database_fault(exc: BaseException) -> bool:
+    """Connection-level database errors (server gone, connection killed, locked SQLite file)."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _storage_error(exc: BaseException) -> OSError | None:
+    from app.ml.data import DataError
+
+    for item in _chain(exc):
+        if isinstance(item, DataError):
+            return None  # the training data is the job's problem, not the store's
+        if isinstance(item, OSError) and item.errno in STORAGE_ERRNOS:
+            return item
+    return None
+
+
+def is_infrastructure_fault(exc: BaseException) -> bool:
+    """The store or the database failed, not the job: retry, keep the checkpoint and attempts."""
+    return any(is_database_fault(item) for item in _chain(exc)) or _storage_error(exc) is not None
+
+
+def infrastructure_message(exc: BaseException, settings: Settings) -> str:
+    """What is wrong, in words an operator can act on."""
+    storage = _storage_error(exc)
+    if storage is not None:
+        where = storage.filename or settings.artifact_dir
+        if storage.errno in {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}:
+            return (
+                f"the artifact store ({settings.artifact_dir}) is full: writing {where} failed "
+                f"({storage.strerror}); free space or enlarge its volume. The job keeps its "
+                "checkpoint and history and resumes when the store is writable"
+            )
+        return (
+            f"the artifact store ({settings.artifact_dir}) is not writable: {where}: "
+            f"{storage.strerror}; check the volume is mounted read-write and owned by the "
+            "worker's user. The job keeps its checkpoint and history and resumes when the "
+            "store is writable"
+        )
+    return (
+        f"the database is unreachable ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+        "check DATABASE_URL and that PostgreSQL is up. The job keeps its checkpoint"
+    )
 
 
 def _out_of_memory_types() -> tuple[type[BaseException], ...]:

@@ -16,6 +16,7 @@ from app.config import Settings
 from app.db import session_factory
 from app.jobs import execution
 from app.jobs.queue import enqueue_training
+from app.registry.store import LocalArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,13 @@ def send_training(settings: Settings, job_id: uuid.UUID) -> None:
 
 def sweep_once(settings: Settings) -> execution.SweepReport:
     with session_factory(settings)() as session:
-        report = execution.sweep(session, settings, lambda job_id: send_training(settings, job_id))
-    for what in ("requeued", "failed", "cancelled", "resent"):
+        report = execution.sweep(
+            session,
+            settings,
+            lambda job_id: send_training(settings, job_id),
+            store=LocalArtifactStore.from_settings(settings),
+        )
+    for what in ("requeued", "failed", "cancelled", "resent", "cleaned"):
         ids = getattr(report, what)
         if ids:
             log.info("sweep %s %d job(s): %s", what, len(ids), ", ".join(map(str, ids)))

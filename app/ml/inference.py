@@ -267,30 +267,22 @@ def sha256_file(path: Path) -> str:
 
 
 def compile_forward(model: Any) -> Callable[[np.ndarray], Any]:
-    """The model's inference pass, compiled once for every batch size (None, 32, 32, 3).
+    """The model's inference pass, compiled once: `tf.function` on TensorFlow (one trace for
+    every batch size), `jax.jit` on JAX (power-of-two batch buckets), from app/ml/backend.py,
+    the one module that knows the framework."""
+    from app.ml import backend
 
-    The one place that knows the framework's compiler: `tf.function` here; a backend-neutral
-    `app.ml.backend.compile_forward` (jax.jit on JAX) can replace this function as it is.
-    """
-    import tensorflow as tf
-
-    @tf.function(
-        input_signature=[tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)],
-        reduce_retracing=True,
-    )
-    def forward(x: Any) -> Any:
-        return model(x, training=False)
-
-    return forward
+    return backend.compile_forward(model)
 
 
 class Predictor:
     """A loaded model behind one compiled forward pass.
 
-    `model.predict` builds a data pipeline per call (about 50 ms for one image here); a
-    `tf.function` with a fixed (None, 32, 32, 3) signature traces once for every batch size
-    and answers in well under a millisecond. It is traced by a warm-up call at load, as TF
-    Serving does, so the first request does not pay for tracing.
+    `model.predict` builds a data pipeline per call (about 50 ms for one image here); the
+    compiled forward pass (`compile_forward`: a `tf.function` with a fixed (None, 32, 32, 3)
+    signature, or `jax.jit` on power-of-two batch buckets) answers in well under a
+    millisecond. It is traced by a warm-up call at load, as TF Serving does, so the first
+    request does not pay for tracing.
     """
 
     def __init__(

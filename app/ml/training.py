@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.ml.data import Cifar10, normalise, subset
+from app.ml import backend
+from app.ml.data import Cifar10, subset
 from app.ml.nets import get_net
 from app.ml.params import TrainConfig
 
@@ -63,64 +67,66 @@ class _Cancelled(Exception):
 
 
 # ---------------------------------------------------------------------------- devices
+# The backend-specific parts live in app/ml/backend.py; these names stay for callers.
 def configure_devices() -> None:
-    """Let TensorFlow grow GPU memory instead of grabbing it all (one worker per GPU)."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass  # already initialised: growth can only be set before first use
+    """GPU memory settings for a training worker (see backend.configure_memory)."""
+    backend.configure_memory("worker")
 
 
 def describe_device() -> str:
-    """'GPU:0 <name>' for the first visible GPU, else 'CPU'."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU"
-    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-    return f"GPU:0 {name}"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """'GPU:0 <real name>' for the first visible GPU, else 'CPU'."""
+    return backend.describe_device()
 
 
 def resolve_precision(requested: str) -> str:
-    """Pick the Keras dtype policy: `auto` means bfloat16 where the hardware computes it natively."""
-    if requested != "auto":
-        return requested
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
-        if capability and capability >= (8, 0):
-            return "mixed_bfloat16"
-        return "mixed_float16" if capability and capability >= (7, 0) else "float32"
-    return "mixed_bfloat16" if _cpu_has_bf16() else "float32"
+    return backend.resolve_precision(requested)
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any]:
-    if checkpoint_dir is None:
-        return {}
-    state_file = checkpoint_dir / CHECKPOINT_STATE
-    if not state_file.is_file() or not (checkpoint_dir / CHECKPOINT_MODEL).is_file():
+# A checkpoint is one folder per epoch, `epoch-000007/` holding the model (with its optimizer
+# state) and the marker (epoch number and every epoch record so far). The folder is written
+# under a temporary name and renamed into place, so the model and its marker are one atomic
+# unit: a crash at any instant leaves either the complete new epoch or the previous one.
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+
+
+def _epoch_dirs(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """The complete epoch folders in `checkpoint_dir`, newest first."""
+    try:
+        entries = list(checkpoint_dir.iterdir())
+    except OSError:
+        return []
+    found = [(int(m.group(1)), p) for p in entries if (m := _EPOCH_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    state_file = folder / CHECKPOINT_STATE
+    if not state_file.is_file() or not (folder / CHECKPOINT_MODEL).is_file():
         return {}
     try:
         state = json.loads(state_file.read_text())
         int(state["epoch"])
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
     return dict(state)
+
+
+def _checkpoint_folder(checkpoint_dir: Path | None) -> tuple[Path | None, dict[str, Any]]:
+    """The newest usable checkpoint: (its folder, its marker), or (None, {})."""
+    if checkpoint_dir is None:
+        return None, {}
+    for epoch, folder in _epoch_dirs(checkpoint_dir):
+        state = _read_state(folder)
+        if state and int(state["epoch"]) == epoch:
+            return folder, state
+    # The flat layout of earlier versions (model and marker side by side).
+    state = _read_state(checkpoint_dir)
+    return (checkpoint_dir, state) if state else (None, {})
+
+
+def _checkpoint_state(checkpoint_dir: Path | None) -> dict[str, Any]:
+    return _checkpoint_folder(checkpoint_dir)[1]
 
 
 def checkpoint_epoch(checkpoint_dir: Path | None) -> int:
@@ -134,16 +140,39 @@ def checkpoint_records(checkpoint_dir: Path | None) -> list[EpochRecord]:
     return [EpochRecord(**row) for row in rows]
 
 
+def checkpoint_model_path(checkpoint_dir: Path) -> Path:
+    """The model file of the newest usable checkpoint (call only when checkpoint_epoch > 0)."""
+    folder, _ = _checkpoint_folder(checkpoint_dir)
+    if folder is None:
+        raise FileNotFoundError(f"no usable checkpoint in {checkpoint_dir}")
+    return folder / CHECKPOINT_MODEL
+
+
 def _write_checkpoint(model: keras.Model, checkpoint_dir: Path, records: list[EpochRecord]) -> None:
-    """Model + optimizer state, then the epoch marker with the records; each replaced atomically."""
+    """Write epoch-N/ (model + marker) under a unique temporary name, then rename it into place.
+
+    The temporary name is random (not the PID, which repeats across containers sharing the
+    volume). Older epoch folders are removed once the new one is in place.
+    """
+    epoch = records[-1].epoch
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp_model = checkpoint_dir / f"tmp-{os.getpid()}.keras"
-    model.save(tmp_model)
-    os.replace(tmp_model, checkpoint_dir / CHECKPOINT_MODEL)
-    state = {"epoch": records[-1].epoch, "records": [r.to_dict() for r in records]}
-    tmp_state = checkpoint_dir / f"tmp-{os.getpid()}.json"
-    tmp_state.write_text(json.dumps(state))
-    os.replace(tmp_state, checkpoint_dir / CHECKPOINT_STATE)
+    tmp = checkpoint_dir / f".tmp-{uuid.uuid4().hex}"
+    final = checkpoint_dir / f"epoch-{epoch:06d}"
+    try:
+        tmp.mkdir()
+        model.save(tmp / CHECKPOINT_MODEL)
+        state = {"epoch": epoch, "records": [r.to_dict() for r in records]}
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
+        if final.exists():  # the same epoch trained again after a restart from scratch
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for older, folder in _epoch_dirs(checkpoint_dir):
+        if older != epoch:
+            shutil.rmtree(folder, ignore_errors=True)
+    for name in (CHECKPOINT_MODEL, CHECKPOINT_STATE):  # a flat checkpoint of earlier versions
+        (checkpoint_dir / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- model
@@ -214,6 +243,11 @@ def _make_callback(
             if should_stop is not None and should_stop():
                 raise _Cancelled()
 
+        def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            # The epoch's validation pass stops as promptly as training (cancel, shutdown).
+            if should_stop is not None and should_stop():
+                raise _Cancelled()
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
             loss = float(logs["loss"])
@@ -251,28 +285,40 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     checkpoint_dir: Path | None = None,
     verbose: int = 0,
+    loop: str = "auto",
+    steps_per_execution: int | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Fit `config.net` on `data` (train split only; the test split is the caller's to evaluate).
 
     on_epoch gets each finished epoch right after its checkpoint is written; should_stop is
-    polled after every batch and a cancelled epoch is never reported. A checkpoint found in
-    checkpoint_dir is resumed from: the fit continues with the next epoch.
+    polled after every dispatched chunk of steps (every batch on the plain `fit`) and a
+    cancelled epoch is never reported. A checkpoint found in checkpoint_dir is resumed from:
+    training continues with the next epoch. `loop` picks the training loop (app/ml/loops.py:
+    `auto` = the fastest for the backend, `fit` = the course's plain model.fit);
+    steps_per_execution defaults per loop and device. `callbacks` are further Keras
+    callbacks, driven by every loop as `fit` drives them (after the service's reporter).
     """
     import keras
 
+    from app.ml import loops
+
     configure_devices()
+    loop = loops.choose_loop(loop)
     precision = resolve_precision(config.precision)
     if config.train_limit is not None:
         data = subset(data, config.train_limit, seed=config.seed)
     x_train, y_train, x_val, y_val = split_validation(
-        normalise(data.x_train), np.asarray(data.y_train).reshape(-1), config.validation_split
+        np.asarray(data.x_train, dtype=np.uint8),
+        np.asarray(data.y_train).reshape(-1),
+        config.validation_split,
     )
 
     keras.utils.set_random_seed(config.seed)
     done = checkpoint_epoch(checkpoint_dir)
     if done:
         assert checkpoint_dir is not None
-        model = keras.saving.load_model(checkpoint_dir / CHECKPOINT_MODEL)
+        model = keras.saving.load_model(checkpoint_model_path(checkpoint_dir))
     else:
         model = build_compiled(config, precision)
 
@@ -283,18 +329,42 @@ def train(
         reporter = _make_callback(
             len(x_train), on_epoch, should_stop, checkpoint_dir, records, earlier
         )
+        common: dict[str, Any] = {
+            "batch_size": config.batch_size,
+            "epochs": config.epochs,
+            "initial_epoch": done,
+            "callbacks": [reporter, *callbacks],
+            "verbose": verbose,
+        }
+        steps = math.ceil(len(x_train) / config.batch_size)
+        spe = steps_per_execution or loops.default_steps_per_execution(loop, steps)
         try:
-            model.fit(
-                x_train,
-                y_train,
-                batch_size=config.batch_size,
-                epochs=config.epochs,
-                initial_epoch=done,
-                validation_data=None if x_val is None else (x_val, y_val),
-                shuffle=True,
-                callbacks=[reporter],
-                verbose=verbose,
-            )
+            if loop == "fit":
+                loops.run_fit(
+                    model, x_train, y_train, x_val, y_val, steps_per_execution=spe, **common
+                )
+            elif loop == "data":
+                loops.run_data(
+                    model,
+                    x_train,
+                    y_train,
+                    x_val,
+                    y_val,
+                    steps_per_execution=spe,
+                    seed=config.seed,
+                    **common,
+                )
+            else:
+                loops.run_device(
+                    model,
+                    x_train,
+                    y_train,
+                    x_val,
+                    y_val,
+                    steps_per_execution=spe,
+                    seed=config.seed,
+                    **common,
+                )
         except _Cancelled:
             cancelled = True
     return TrainResult(

@@ -19,6 +19,7 @@ os.replace, so a reader (the API, another worker) never sees a half-written mode
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -60,6 +61,12 @@ class ArtifactStore(Protocol):
     def discard_staging(self, job_id: uuid.UUID | str) -> None: ...
 
     def discard_checkpoints(self, job_id: uuid.UUID | str) -> None: ...
+
+    def discard_job_files(self, job_id: uuid.UUID | str) -> None: ...
+
+    def job_folders(self) -> set[str]: ...
+
+    def folder_age_s(self, job_id: uuid.UUID | str) -> float: ...
 
 
 class LocalArtifactStore:
@@ -116,3 +123,28 @@ class LocalArtifactStore:
     def discard_checkpoints(self, job_id: uuid.UUID | str) -> None:
         """A terminal job never resumes, so its checkpoint only takes disk space."""
         shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
+
+    def discard_job_files(self, job_id: uuid.UUID | str) -> None:
+        """Checkpoint and staged model of one job (the sweep's clean-up of terminal jobs)."""
+        self.discard_checkpoints(job_id)
+        self.discard_staging(job_id)
+
+    def job_folders(self) -> set[str]:
+        """Names (job ids) of every checkpoints/<id>/ and staging/<id>/ folder in the store."""
+        names: set[str] = set()
+        for area in ("checkpoints", "staging"):
+            try:
+                names.update(p.name for p in (self.root / area).iterdir() if p.is_dir())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return names
+
+    def folder_age_s(self, job_id: uuid.UUID | str) -> float:
+        """Seconds since the job's newest checkpoint or staging folder last changed."""
+        newest = 0.0
+        for folder in (self.checkpoint_dir(job_id), self.staging_path(job_id).parent):
+            try:
+                newest = max(newest, folder.stat().st_mtime)
+            except OSError:
+                continue
+        return time.time() - newest if newest else float("inf")

@@ -63,9 +63,9 @@ def test_record_epoch_twice_keeps_one_row_and_the_first_values(client, make_job,
         "images_per_second": 50.0,
     }
     with session_factory() as session:
-        assert record_epoch(session, job.id, record) is True
+        assert record_epoch(session, job.id, record, token=job.claims) is True
         # A redelivered or retried write of the same epoch (its numbers may differ slightly).
-        assert record_epoch(session, job.id, {**record, "loss": 0.99}) is True
+        assert record_epoch(session, job.id, {**record, "loss": 0.99}, token=job.claims) is True
     assert epoch_rows(session_factory, job.id) == [(1, 1.0)]
     body = client.get(f"/jobs/{job.id}").json()
     assert body["progress"] == {"epoch": 1, "epochs": 3}

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from app.ml import backend
 from app.ml.data import Cifar10
 from app.ml.evaluation import confusion_matrix, evaluate
 from app.ml.training import (
@@ -13,6 +14,9 @@ from app.ml.training import (
     split_validation,
     train,
 )
+
+# The loops besides the plain fit that this backend has (app/ml/loops.py).
+FAST_LOOPS = ["device"] if backend.is_jax() else ["data"]
 
 
 def synthetic(n_train=160, n_test=40, seed=0):
@@ -88,10 +92,26 @@ def test_should_stop_cancels_within_a_batch_and_reports_no_partial_epoch():
         calls["n"] += 1
         return calls["n"] > 5  # epoch 1 has 4 batches; stop in the second batch of epoch 2
 
-    result = train(config(epochs=5), synthetic(), should_stop=should_stop)
+    result = train(config(epochs=5), synthetic(), should_stop=should_stop, loop="fit")
     assert result.cancelled
     assert [r.epoch for r in result.epochs] == [1]
     assert calls["n"] == 6
+
+
+@pytest.mark.parametrize("loop", FAST_LOOPS)
+def test_compiled_loops_check_for_cancel_once_per_chunk(loop):
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 3  # 4 batches in chunks of 2: stop after epoch 2's first chunk
+
+    result = train(
+        config(epochs=5), synthetic(), should_stop=should_stop, loop=loop, steps_per_execution=2
+    )
+    assert result.cancelled
+    assert [r.epoch for r in result.epochs] == [1]
+    assert calls["n"] == 4
 
 
 def test_resume_from_checkpoint_continues_with_the_next_epoch(tmp_path):
@@ -109,7 +129,7 @@ def test_resume_from_checkpoint_continues_with_the_next_epoch(tmp_path):
     assert resumed.resumed_from_epoch == 2
     assert [r.epoch for r in resumed.epochs] == [3]
     # Optimizer state came back: Adam's iteration counter continued from two epochs of 4 batches.
-    assert int(resumed.model.optimizer.iterations.numpy()) == 12
+    assert int(np.asarray(resumed.model.optimizer.iterations.value)) == 12
 
 
 def test_nan_loss_fails_with_advice():

@@ -227,6 +227,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _worker_named(serve_pid: int, name: str) -> int | None:
+    """The child of `cnn serve` started with WORKER_NAME=name (it also keeps a standby)."""
+    for pid in _children(serve_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if f"WORKER_NAME={name}".encode() in environ:
+            return pid
+    return None
+
+
 def _epoch_times(session: Any, job_id: str) -> list[datetime]:
     rows = session.scalars(
         select(EpochMetric)
@@ -269,13 +281,15 @@ def test_embedded_default_trains_restarts_its_worker_and_stops_on_ctrl_c(
     # The worker dies mid-fit: `cnn serve` starts another and the job resumes.
     job_id = api.submit(**SLOW_JOB, epochs=3)["id"]
     wait_for(lambda: api.epochs(job_id), 240, "epoch 1 to be stored", interval=0.05)
-    (worker_pid,) = _children(serve.pid)
+    first_name = api.job(job_id)["worker"]
+    worker_pid = _worker_named(serve.pid, first_name)
+    assert worker_pid is not None
     os.kill(worker_pid, signal.SIGKILL)
     resumed = api.wait_status(job_id, "succeeded", timeout=180)
     assert api.epochs(job_id) == [1, 2, 3]
-    assert resumed["attempts"] == 2
-    (new_worker_pid,) = wait_for(lambda: _children(serve.pid), 10, "the new worker")
-    assert new_worker_pid != worker_pid
+    assert resumed["attempts"] == 2 and resumed["worker"] != first_name
+    new_worker_pid = _worker_named(serve.pid, resumed["worker"])
+    assert new_worker_pid is not None and new_worker_pid != worker_pid
 
     # Ctrl-C during a fit: API and worker stop cleanly, the job goes back to the queue
     # without using up an attempt, and the next `cnn serve` finishes it from its checkpoint.

@@ -70,7 +70,7 @@ def test_claim_takes_a_queued_job_and_counts_the_attempt(make_job, session_facto
     job = make_job("queued")
     result = _claim(session_factory, settings, job.id, worker="worker-a@host")
     assert result.claimed and result.outcome == ClaimOutcome.CLAIMED
-    assert result.attempt == 1
+    assert result.token == 1
     row = _job(session_factory, job.id)
     assert (row.status, row.attempts, row.worker) == ("running", 1, "worker-a@host")
     assert row.started_at is not None and row.heartbeat_at is not None
@@ -91,7 +91,7 @@ def test_stale_running_job_is_taken_over_and_keeps_its_start(make_job, session_f
     job = make_job("running", heartbeat_at=_now() - STALE, started_at=started, attempts=1)
     result = _claim(session_factory, settings, job.id, worker="b")
     assert result.claimed and result.outcome == ClaimOutcome.TAKEN_OVER
-    assert result.attempt == 2
+    assert result.token == 2
     row = _job(session_factory, job.id)
     assert (row.status, row.worker, row.attempts) == ("running", "b", 2)
     assert abs((row.started_at - started).total_seconds()) < 1
@@ -172,10 +172,10 @@ def test_record_epoch_is_idempotent_and_moves_progress(make_job, session_factory
     claim = _claim(session_factory, settings, job.id)
     before = _job(session_factory, job.id).heartbeat_at
     with session_factory() as session:
-        assert execution.record_epoch(session, job.id, _record(1, loss=1.5), attempt=claim.attempt)
+        assert execution.record_epoch(session, job.id, _record(1, loss=1.5), token=claim.token)
         # The same epoch again (a retried write, or a resumed run reporting it twice).
-        assert execution.record_epoch(session, job.id, _record(1, loss=9.9), attempt=claim.attempt)
-        assert execution.record_epoch(session, job.id, _record(2), attempt=claim.attempt)
+        assert execution.record_epoch(session, job.id, _record(1, loss=9.9), token=claim.token)
+        assert execution.record_epoch(session, job.id, _record(2), token=claim.token)
     assert _epochs(session_factory, job.id) == [1, 2]
     row = _job(session_factory, job.id)
     assert row.current_epoch == 2
@@ -193,11 +193,11 @@ def test_a_superseded_claimant_writes_nothing(make_job, session_factory, setting
     takeover = _claim(session_factory, settings, job.id, worker="new")
     assert takeover.claimed
     with session_factory() as session:
-        assert not execution.record_epoch(session, job.id, _record(1), attempt=old_attempt)
+        assert not execution.record_epoch(session, job.id, _record(1), token=old_attempt)
         assert not execution.heartbeat(session, job.id, old_attempt)
         assert execution.control(session, job.id, old_attempt) == "lost"
-        assert not execution.finish_failed(session, job.id, "zombie", attempt=old_attempt)
-        assert execution.control(session, job.id, takeover.attempt) is None
+        assert not execution.finish_failed(session, job.id, "zombie", token=old_attempt)
+        assert execution.control(session, job.id, takeover.token) is None
     assert _epochs(session_factory, job.id) == []
     assert _job(session_factory, job.id).status == "running"
 
@@ -206,31 +206,36 @@ def test_control_reports_a_cancel_request(make_job, session_factory, settings):
     job = make_job("queued")
     claim = _claim(session_factory, settings, job.id)
     with session_factory() as session:
-        assert execution.control(session, job.id, claim.attempt) is None
+        assert execution.control(session, job.id, claim.token) is None
         cancel_job(session, job.id)
         assert _job(session_factory, job.id).cancel_requested
-        assert execution.control(session, job.id, claim.attempt) == "cancel"
-        assert execution.finish_cancelled(session, job.id, attempt=claim.attempt)
+        assert execution.control(session, job.id, claim.token) == "cancel"
+        assert execution.finish_cancelled(session, job.id, token=claim.token)
     assert _job(session_factory, job.id).status == "cancelled"
 
 
-def test_finish_on_a_terminal_job_changes_nothing(make_job, session_factory):
+def test_finish_on_a_terminal_job_changes_nothing(make_job, session_factory, settings):
     job = make_job("succeeded")
     with session_factory() as session:
-        assert not execution.finish_failed(session, job.id, "late")
-        assert not execution.finish_cancelled(session, job.id)
-        assert not execution.requeue(session, job.id)
+        assert not execution.finish_failed(session, job.id, "late", token=1)
+        assert not execution.finish_cancelled(session, job.id, token=1)
+        assert execution.hand_back(session, job.id, token=1, settings=settings) == "lost"
     row = _job(session_factory, job.id)
     assert (row.status, row.error) == ("succeeded", None)
 
 
-def test_requeue_on_shutdown_gives_the_attempt_back(make_job, session_factory, settings):
+def test_hand_back_on_shutdown_gives_the_attempt_back_but_not_the_claim(
+    make_job, session_factory, settings
+):
     job = make_job("queued")
     claim = _claim(session_factory, settings, job.id)
     with session_factory() as session:
-        assert execution.requeue(session, job.id, attempt=claim.attempt, refund_attempt=True)
+        assert execution.hand_back(session, job.id, token=claim.token, settings=settings) == (
+            "requeued"
+        )
     row = _job(session_factory, job.id)
     assert (row.status, row.attempts, row.worker, row.enqueued_at) == ("queued", 0, None, None)
+    assert row.claims == 1  # the token is never handed out again
 
 
 def test_finish_succeeded_registers_the_next_version(make_job, session_factory, settings):
@@ -265,12 +270,12 @@ def test_finish_succeeded_registers_the_next_version(make_job, session_factory, 
             precision="float32",
         )
         with session_factory() as session:
-            version = finish(session, job.id, claim.attempt, metrics={"test_accuracy": 0.6})
+            version = finish(session, job.id, claim.token, metrics={"test_accuracy": 0.6})
         assert version is not None
         versions.append(version)
         # A second finish of the same claim is refused: the job is terminal now.
         with session_factory() as session:
-            assert finish(session, job.id, claim.attempt) is None
+            assert finish(session, job.id, claim.token) is None
     assert [v.version for v in versions] == [1, 2]
     for i, (job, version) in enumerate(zip(jobs, versions, strict=True)):
         row = _job(session_factory, job.id)
