@@ -4,6 +4,9 @@ cnn nets                      list the architectures
 cnn summary net1 [--json]     parameter and shape calculations, checked against Keras
 cnn train net1 --data PATH --out DIR [--epochs N ...]
 cnn predict MODEL.keras IMAGE ten class probabilities
+cnn predict --remote IMAGE    the same from a running service (--model NAME --alias A)
+cnn jobs submit|list|watch|history|evaluation|cancel   jobs on a running service
+cnn models list|alias         the registry of a running service
 cnn serve [--host H --port P] API + worker (embedded default without servers)
 cnn worker                    one Celery training worker (one per GPU)
 cnn migrate                   apply the Alembic migrations to DATABASE_URL
@@ -22,9 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from app.client import ApiError, ApiUnreachable
 from app.config import get_settings
 from app.errors import DomainError
 from app.ml.params import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, default
+from app.remote_cli import EXIT_ERROR, add_commands, connection_options
 
 
 def _cmd_nets(_: argparse.Namespace) -> int:
@@ -113,10 +118,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.remote:
+        from app.remote_cli import cmd_predict_remote
+
+        return cmd_predict_remote(args)
+    if len(args.files) != 2:
+        raise ValueError("local prediction takes MODEL.keras IMAGE (or use --remote IMAGE)")
     from app.ml.inference import Predictor, decode_image, predict_probabilities
 
-    image = decode_image(Path(args.image).read_bytes(), resize=args.resize)
-    predictor = Predictor.from_path(Path(args.model))
+    model_path, image_path = args.files
+    image = decode_image(Path(image_path).read_bytes(), resize=args.resize)
+    predictor = Predictor.from_path(Path(model_path))
     (prediction,) = predict_probabilities(predictor, image)
     if args.json:
         print(json.dumps(prediction))
@@ -342,12 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("predict", help="class probabilities of one image")
-    p.add_argument("model", help="a .keras file")
-    p.add_argument("image", help="a 32x32 PNG or JPEG")
+    p = sub.add_parser(
+        "predict",
+        help="class probabilities of one image",
+        parents=[connection_options()],
+        usage="cnn predict MODEL.keras IMAGE | cnn predict --remote IMAGE... [--model NAME]",
+    )
+    p.add_argument(
+        "files", nargs="+", metavar="FILE", help="MODEL.keras IMAGE, or with --remote IMAGE..."
+    )
     p.add_argument("--resize", action="store_true", help="resize images that are not 32x32")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--remote", action="store_true", help="ask the service at --url instead")
+    p.add_argument("--model", default=None, help="--remote: registered name (default: newest)")
+    p.add_argument("--version", type=int, default=None, help="--remote: this version")
+    p.add_argument("--alias", default=None, help="--remote: this alias, e.g. production")
     p.set_defaults(func=_cmd_predict)
+
+    add_commands(sub)
 
     p = sub.add_parser("serve", help="run the API and its workers (one per visible GPU)")
     p.add_argument("--host", default=None)
@@ -400,6 +423,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"cnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ApiError as exc:
+        print(
+            f"cnn {args.command}: error: {exc.code}: {exc.message} (HTTP {exc.status})",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except ApiUnreachable as exc:
+        print(f"cnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     # API worker processes of `cnn serve` (each has its own model cache and batchers).
     API_WORKERS: int = Field(default=1, ge=1, le=64)
 
+    # Live events: how often a `GET /jobs/{id}/events` stream looks for new events.
+    EVENTS_POLL_S: float = Field(default=0.5, gt=0)
+    # /metrics answers without a key when true (for a Prometheus on a private network);
+    # otherwise it needs a key with the `read` scope.
+    METRICS_PUBLIC: bool = False
+
     API_HOST: str = "127.0.0.1"
     API_PORT: int = 8000
 

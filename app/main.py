@@ -13,11 +13,24 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import compare, health, jobs, keys, models, nets, predict, summary
+from app.api import (
+    compare,
+    dashboard,
+    events,
+    health,
+    jobs,
+    keys,
+    metrics,
+    models,
+    nets,
+    predict,
+    summary,
+)
 from app.api.limits import install_limits
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
+from app.metrics import predict_middleware
 from app.quotas import RateLimiter
 from app.serving.service import PredictionService
 
@@ -156,15 +169,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_limits(app, settings)
     _document_security(app, settings)
+    app.middleware("http")(predict_middleware)
     for router in (
         health.router,
         nets.router,
         summary.router,
         jobs.router,
+        events.router,
         models.router,
         predict.router,
         keys.router,
         compare.router,
+        metrics.router,
     ):
         app.include_router(router)
+    dashboard.install(app)
     return app

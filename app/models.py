@@ -11,11 +11,13 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
     ForeignKey,
     ForeignKeyConstraint,
+    Index,
     Integer,
     MetaData,
     String,
@@ -245,4 +247,27 @@ class ModelOwner(Base):
     owner_id: Mapped[int | None] = mapped_column(
         ForeignKey("api_keys.id", ondelete="SET NULL"), nullable=True
     )
+
+
+class JobEvent(Base):
+    """One entry of a job's event log: a status change or a stored epoch.
+
+    Written only by database triggers (migration 0002_job_events), never by the application,
+    so no code path that changes a job can forget it. `id` only grows; per job it follows
+    commit order, which is what `GET /jobs/{id}/events` and its Last-Event-ID rely on.
+    """
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # "status" or "epoch"
+    status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    previous_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    epoch_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -59,6 +59,7 @@ PG_PORT = 5432
 PG_USER = "postgres"
 REDIS_DB = 11
 TABLES = (
+    "job_events",
     "model_aliases",
     "evaluations",
     "epochs",

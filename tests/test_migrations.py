@@ -18,6 +18,7 @@ TABLES = {
     "model_aliases",
     "api_keys",
     "model_owners",
+    "job_events",
 }
 
 

@@ -37,6 +37,7 @@ from app.errors import (
     ModelUnavailable,
     Overloaded,
 )
+from app.metrics import cache_hit, cache_load, counting_batches, note_predict
 from app.ml.inference import ModelCache, Predictor, tune_gc_for_serving
 from app.ml.nets import CLASS_NAMES
 from app.schemas import PredictOptions
@@ -124,6 +125,10 @@ class PredictionService:
     async def _serve(self, parsed: inputs.PredictInput) -> bytes:
         opts = parsed.options
         row = await self._resolve(opts)
+        note_predict(
+            model=row.name,
+            input_form="b64" if parsed.images is not None else None,
+        )
         batch = parsed.batch
         if batch is None:
             # A pass of this model may wait (up to the window) for rows being decoded now.
@@ -185,6 +190,7 @@ class PredictionService:
     async def _predictor(self, row: ServedVersion) -> Predictor:
         hit = self.cache.peek(row)
         if hit is not None:
+            cache_hit(row.name)
             return hit
         try:
             return await self._off_loop(self.cache.get, row)
@@ -204,7 +210,7 @@ class PredictionService:
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = MicroBatcher(
-                predictor.predict,
+                counting_batches(predictor.predict),
                 max_batch=self.settings.PREDICT_MAX_BATCH,
                 window_s=self.settings.PREDICT_BATCH_WINDOW_US / 1e6,
                 name=f"{row.name}-v{row.version}",
@@ -218,6 +224,7 @@ class PredictionService:
 
     def _load(self, row: Any, path: Path) -> Predictor:
         predictor = Predictor.from_path(path, row.sha256, name=row.name, version=row.version)
+        cache_load(row.name)
         # The model and its traced function are long-lived: take them out of the GC's walks.
         tune_gc_for_serving()
         return predictor

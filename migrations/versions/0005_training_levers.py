@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_training_levers"
-down_revision: str | Sequence[str] | None = "0004_claim_counter"
+down_revision: str | Sequence[str] | None = "0003_api_keys"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
