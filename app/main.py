@@ -26,6 +26,7 @@ from app.api import (
     predict,
     summary,
 )
+from app.api.deps import ReadAccess
 from app.api.limits import install_limits
 from app.config import Settings, get_settings
 from app.db import session_factory
@@ -180,8 +181,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predict.router,
         keys.router,
         compare.router,
-        metrics.router,
     ):
         app.include_router(router)
+    # /metrics takes the read scope unless the operator opened it to a private Prometheus.
+    app.include_router(metrics.router, dependencies=[] if settings.METRICS_PUBLIC else [ReadAccess])
     dashboard.install(app)
     return app

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import SessionDep
+from app.api.deps import ReadAccess, SessionDep
 from app.reports.compare import MAX_COMPARE_JOBS, compare_jobs, parse_job_ids, require_finished
 
-router = APIRouter(tags=["compare"])
+router = APIRouter(tags=["compare"], dependencies=[ReadAccess])
 
 JobIds = Annotated[
     str,

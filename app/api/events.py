@@ -18,7 +18,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, SettingsDep
+from app import auth
+from app.api.deps import JobReader, SessionDep, SettingsDep
 from app.events import last_event_id, parse_last_event_id, read_events
 from app.jobs import service as job_service
 from app.states import is_terminal
@@ -49,16 +50,18 @@ async def job_events(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    principal: JobReader,
     last_event_id_header: Annotated[
         str | None,
         Header(alias="Last-Event-ID", description="Continue after this event id (reconnects)."),
     ] = None,
     after: Annotated[
         int | None,
-        Query(ge=0, description="Same as Last-Event-ID, for clients that cannot set headers."),
+        Query(ge=0, le=2**62, description="Same as Last-Event-ID, for clients that cannot set headers."),
     ] = None,
 ) -> Response:
     job = await run_in_threadpool(job_service.get_job, session, job_id)  # 404 if unknown
+    auth.check_job_access(principal, job)  # a train key streams only its own jobs
     start = parse_last_event_id(last_event_id_header) if after is None else after
     if (
         is_terminal(job.status)

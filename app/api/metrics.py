@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.metrics import render
 
+# The read scope is added where the router is included, unless METRICS_PUBLIC (app/main.py).
 router = APIRouter(tags=["metrics"])
 
 

@@ -123,6 +123,11 @@ ROUTES = [
     Route("GET", "/models/model-a/versions/1/artifact", ("read",), 200),
     Route("POST", "/predict", ("predict",), 200, kwargs=INSTANCES),
     Route("POST", "/predict/image", ("predict",), 200, kwargs={"data": {"model": "model-a"}, "files": {"file": ("x.png", png_bytes(), "image/png")}}),
+    Route("GET", "/jobs/{job}/events", ("read", "train"), 200, owned=True),
+    Route("GET", "/compare?jobs={job}", ("read",), 200),
+    Route("GET", "/compare.png?jobs={job}", ("read",), 200),
+    Route("GET", "/report?jobs={job}", ("read",), 200),
+    Route("GET", "/metrics", ("read",), 200),
     Route("GET", "/keys", ("admin",), 200),
     Route("POST", "/keys", ("admin",), 201, kwargs={"json": {"name": "new-key", "scopes": ["read"]}}),
     Route("DELETE", "/keys/{key_id}", ("admin",), 200),
@@ -136,6 +141,7 @@ HOLDER = {"read": "read", "predict": "predict", "train": "train_a", "admin": "ad
 def _template(path: str) -> str:
     for real, name in (("{job}", "{job_id}"), ("{queued}", "{job_id}"), ("{key_id}", "{key_id}")):
         path = path.replace(real, name)
+    path = path.split("?")[0]
     return (
         path.replace("/summary/net1", "/summary/{net}")
         .replace("/models/model-a", "/models/{name}")
