@@ -117,3 +117,11 @@ def test_compose_has_a_prometheus_scraping_the_api_under_a_profile():
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == ["api:8000"]
     assert job["authorization"]["credentials_file"] in mounted.values()
+
+
+def test_metrics_need_a_read_key_unless_the_operator_opens_them(client, client_for, settings):
+    assert client.get("/metrics", headers={"Authorization": ""}).status_code == 401
+    with client_for(settings, "predict") as predict_only:
+        assert predict_only.get("/metrics").status_code == 403
+    with client_for(settings.model_copy(update={"METRICS_PUBLIC": True})) as open_metrics:
+        assert open_metrics.get("/metrics", headers={"Authorization": ""}).status_code == 200

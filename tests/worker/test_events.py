@@ -20,7 +20,7 @@ import pytest
 from app.client import ApiClient, ServerEvent
 from app.jobs import execution
 
-from .conftest import Processes, free_port
+from .conftest import Processes, admin_key, free_port
 
 
 def epoch(n: int) -> dict[str, Any]:
@@ -60,17 +60,23 @@ def summary(events: list[ServerEvent]) -> list[tuple[str, Any]]:
     return [(e.kind, e.data["status"] if e.kind == "status" else e.data["epoch"]) for e in events]
 
 
+def _auth(client: ApiClient) -> dict[str, str]:
+    """The bearer header the client itself sends, for the raw httpx calls below."""
+    return {"Authorization": client.http.headers["Authorization"]}
+
+
 @pytest.fixture(scope="module")
 def two_apis(settings, tmp_path_factory) -> Iterator[tuple[ApiClient, ApiClient]]:
     """Two uvicorn processes on the run's database (jobs here are new rows; no cleaning)."""
     fast = settings.model_copy(update={"EVENTS_POLL_S": 0.1})
     procs = Processes(tmp_path_factory.mktemp("events-api-logs"))
     clients = []
+    key = admin_key(settings)
     try:
         for _ in range(2):
             port = free_port()
             procs.api(fast, port)
-            clients.append(ApiClient(f"http://127.0.0.1:{port}", timeout=10))
+            clients.append(ApiClient(f"http://127.0.0.1:{port}", key, timeout=10))
         yield clients[0], clients[1]
     finally:
         for client in clients:
@@ -119,7 +125,8 @@ def test_events_arrive_in_order_live_and_end_at_the_terminal_status(
 
     # A client that already has the terminal event is told to stop reconnecting: 204.
     response = httpx.get(
-        f"{b.url}/jobs/{job['id']}/events", headers={"Last-Event-ID": live.seen[-1].id or ""}
+        f"{b.url}/jobs/{job['id']}/events",
+        headers={"Last-Event-ID": live.seen[-1].id or "", **_auth(b)},
     )
     assert response.status_code == 204
 
@@ -178,9 +185,9 @@ def test_follow_reconnects_by_itself_and_unknown_jobs_are_404(two_apis, session_
         ("epoch", 1),
         ("status", "failed"),
     ]
-    response = httpx.get(f"{a.url}/jobs/{uuid.uuid4()}/events")
+    response = httpx.get(f"{a.url}/jobs/{uuid.uuid4()}/events", headers=_auth(a))
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "job_not_found"
-    raw = httpx.get(f"{a.url}/jobs/{job['id']}/events")
+    raw = httpx.get(f"{a.url}/jobs/{job['id']}/events", headers=_auth(a))
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.startswith("retry: ")

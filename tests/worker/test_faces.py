@@ -29,7 +29,7 @@ from app.client import ApiClient
 from app.config import Settings
 from app.migrate import upgrade
 
-from .conftest import FAST_ROBUSTNESS, Processes, free_port, process_env
+from .conftest import FAST_ROBUSTNESS, Processes, admin_key, free_port, process_env
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def service(
         procs.worker(settings)
         procs.api(settings, port)
         base = f"http://127.0.0.1:{port}"
-        key = None
+        key = admin_key(settings)
         client = ApiClient(base, key, timeout=30)
         yield Service(base, key, settings, client, tmp_path_factory.mktemp("faces-cwd"))
         client.close()
