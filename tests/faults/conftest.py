@@ -55,6 +55,8 @@ FAULT_SETTINGS: dict[str, Any] = {
     "QUEUED_RESEND_S": 3.0,
     # An infrastructure fault is retried in place every second or so.
     "INFRA_BACKOFF_MAX_S": 1.0,
+    # These tests are about brokers and workers, not the per-key quota (tests/api/test_security.py).
+    "MAX_ACTIVE_JOBS_PER_KEY": 10_000,
 }
 TINY_JOB: dict[str, Any] = {"net": "net1", "epochs": 1, "batch_size": 32, "train_limit": 256}
 
