@@ -93,13 +93,13 @@ def test_events_arrive_in_order_live_and_end_at_the_terminal_status(
     assert summary([live.next()]) == [("status", "running")]
     for n in (1, 2, 3):
         with session_factory() as session:
-            assert execution.record_epoch(session, job_id, epoch(n), attempt=claim.attempt)
+            assert execution.record_epoch(session, job_id, epoch(n), token=claim.token)
         # Each epoch is on the stream before the next one is written: live, not at the end.
         event = live.next()
         assert (event.kind, event.data["epoch"]) == ("epoch", n)
         assert event.data["loss"] == pytest.approx(2.0 / n)
     with session_factory() as session:
-        assert execution.finish_failed(session, job_id, "out of memory", attempt=claim.attempt)
+        assert execution.finish_failed(session, job_id, "out of memory", token=claim.token)
     final = live.next()
     assert final.terminal and final.data["status"] == "failed"
     assert final.data["error"] == "out of memory"
@@ -132,7 +132,7 @@ def test_a_dropped_stream_resumes_on_another_process_without_gaps_or_repeats(
     job_id = uuid.UUID(job["id"])
     with session_factory() as session:
         claim = execution.claim(session, job_id, "test-worker", settings)
-        assert execution.record_epoch(session, job_id, epoch(1), attempt=claim.attempt)
+        assert execution.record_epoch(session, job_id, epoch(1), token=claim.token)
 
     # First connection (process A): read up to epoch 1, then drop the connection.
     received: list[ServerEvent] = []
@@ -145,17 +145,17 @@ def test_a_dropped_stream_resumes_on_another_process_without_gaps_or_repeats(
     # While nobody listens, epochs 2 and 3 are stored.
     with session_factory() as session:
         for n in (2, 3):
-            assert execution.record_epoch(session, job_id, epoch(n), attempt=claim.attempt)
+            assert execution.record_epoch(session, job_id, epoch(n), token=claim.token)
 
     # Reconnect to process B with Last-Event-ID: the missed epochs first, then live ones.
     live = Collector(b, job["id"], last_event_id=received[-1].id)
     assert summary([live.next(), live.next()]) == [("epoch", 2), ("epoch", 3)]
     with session_factory() as session:
-        assert execution.record_epoch(session, job_id, epoch(4), attempt=claim.attempt)
+        assert execution.record_epoch(session, job_id, epoch(4), token=claim.token)
     assert summary([live.next()]) == [("epoch", 4)]
     a.cancel(job["id"])  # cancel_requested; the "worker" stops and reports it
     with session_factory() as session:
-        assert execution.finish_cancelled(session, job_id, attempt=claim.attempt)
+        assert execution.finish_cancelled(session, job_id, token=claim.token)
     assert summary([live.next()]) == [("status", "cancelled")]
     live.thread.join(timeout=10)
 
@@ -169,8 +169,8 @@ def test_follow_reconnects_by_itself_and_unknown_jobs_are_404(two_apis, session_
     job_id = uuid.UUID(job["id"])
     with session_factory() as session:
         claim = execution.claim(session, job_id, "test-worker", settings)
-        assert execution.record_epoch(session, job_id, epoch(1), attempt=claim.attempt)
-        assert execution.finish_failed(session, job_id, "stop here", attempt=claim.attempt)
+        assert execution.record_epoch(session, job_id, epoch(1), token=claim.token)
+        assert execution.finish_failed(session, job_id, "stop here", token=claim.token)
     events = list(a.follow(job["id"]))
     assert summary(events) == [
         ("status", "queued"),
