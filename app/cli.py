@@ -10,6 +10,7 @@ cnn models list|alias         the registry of a running service
 cnn serve [--host H --port P] API + worker (embedded default without servers)
 cnn worker                    one Celery training worker (one per GPU)
 cnn migrate                   apply the Alembic migrations to DATABASE_URL
+cnn report --jobs ID,... --out DIR   results.md + PNGs from finished jobs in the database
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from app.client import ApiError, ApiUnreachable
 from app.config import get_settings
-from app.ml.params import OPTIMIZERS, PRECISIONS, default
+from app.errors import DomainError
+from app.ml.params import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, default
 from app.remote_cli import EXIT_ERROR, add_commands, connection_options
 
 
@@ -53,7 +55,9 @@ def _print_epoch_line(record: object) -> None:
         f"val_loss {record.val_loss if record.val_loss is None else round(record.val_loss, 4)} "
         f"val_accuracy "
         f"{record.val_accuracy if record.val_accuracy is None else round(record.val_accuracy, 4)} "
-        f"({record.seconds:.1f} s, {record.images_per_second:,.0f} images/s)",
+        f"({record.seconds:.1f} s, {record.images_per_second:,.0f} images/s"
+        + ("" if record.learning_rate is None else f", lr {record.learning_rate:.3g}")
+        + ")",
         flush=True,
     )
 
@@ -73,6 +77,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = load_cifar10(source, cache_dir=settings.cache_dir)
     result = train(config, data, on_epoch=_print_epoch_line, verbose=1 if args.progress else 0)
     print(f"trained on {result.device} with precision {result.precision}")
+    if result.best_epoch is not None:
+        stopped = f"stopped after epoch {result.stopped_epoch}; " if result.stopped_epoch else ""
+        print(f"early stopping: {stopped}the model has the weights of epoch {result.best_epoch}")
     evaluation = evaluate(result.model, data.x_test, data.y_test)
     rows = [record.to_dict() for record in result.epochs]
     analysis = analyse(rows)
@@ -156,12 +163,100 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0  # not reached: execv replaces this process
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from app.db import session_factory
+    from app.ml.plots import history_png
+    from app.reports.compare import compare_jobs, parse_job_ids, require_finished
+    from app.reports.markdown import render_report, title
+    from app.reports.plots import compare_png
+
+    settings = get_settings()
+    ids = parse_job_ids(args.jobs)
+    with session_factory(settings)() as session:
+        rows = compare_jobs(session, ids)
+    require_finished(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = args.image_prefix
+    (out / f"{prefix}compare.png").write_bytes(compare_png(rows))
+    curves = {}
+    for row in rows:
+        file = f"{prefix}curves-{row['net']}-{row['id'][:8]}.png"
+        epochs = [
+            {key: row["history"][key][i] for key in row["history"]}
+            for i in range(len(row["history"]["epoch"]))
+        ]
+        (out / file).write_bytes(history_png(epochs, title=f"{title(row)}: job {row['id'][:8]}"))
+        curves[row["id"]] = file
+    command = f"cnn report --jobs {','.join(str(i) for i in ids)} --out {args.out}"
+    text = render_report(
+        rows,
+        compare_image=f"{prefix}compare.png",
+        curve_images=curves,
+        command=command,
+        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        reproduce=REPRODUCE.format(command=command),
+    )
+    (out / args.name).write_text(text)
+    print(f"wrote {out / args.name} and {len(rows) + 1} PNGs")
+    return 0
+
+
+REPRODUCE = """The jobs are the POST /jobs bodies of `scripts/report_jobs.json` (NET I-III with the \
+course's settings in float32; NET IV's recipe). With the service running:
+
+```bash
+python scripts/submit_report_jobs.py --url http://localhost:8000   # prints the job ids
+# ... wait until they succeeded (GET /jobs/ID), then:
+{command}
+```"""
+
+
 def _cmd_migrate(_: argparse.Namespace) -> int:
     from app.migrate import upgrade
 
     upgrade(get_settings().database_url)
     print("database is at the latest migration")
     return 0
+
+
+def _add_lever_arguments(p: argparse.ArgumentParser) -> None:
+    """The issue-11 levers, named as the job fields (docs/course.md); all off by default."""
+    g = p.add_argument_group("levers (all off by default)")
+    g.add_argument(
+        "--augment-crop",
+        type=int,
+        default=default("augment_crop"),
+        metavar="PIXELS",
+        help="pad and crop a random 32x32 window",
+    )
+    g.add_argument("--augment-flip", action="store_true", help="random horizontal flip")
+    g.add_argument(
+        "--cutout",
+        type=int,
+        default=default("cutout"),
+        metavar="PIXELS",
+        help="erase one random square of this side",
+    )
+    g.add_argument("--label-smoothing", type=float, default=default("label_smoothing"))
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=default("weight_decay"),
+        help="decoupled weight decay (with --optimizer adamw)",
+    )
+    g.add_argument("--clipnorm", type=float, default=default("clipnorm"))
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=default("lr_schedule"))
+    g.add_argument("--warmup-epochs", type=int, default=default("warmup_epochs"))
+    g.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=None,
+        metavar="EPOCHS",
+        help="stop on val_loss and keep the best epoch's weights",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on a seeded random subset of N images (quick runs)",
     )
     p.add_argument("--precision", choices=PRECISIONS, default=None)
+    _add_lever_arguments(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)
 
@@ -228,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=int, default=None, help="own this GPU (sets CUDA_VISIBLE_DEVICES)")
     p.set_defaults(func=_cmd_worker)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("report", help="Markdown report + PNGs from finished jobs (DATABASE_URL)")
+    p.add_argument("--jobs", required=True, help="comma-separated job ids, in table order")
+    p.add_argument("--out", default="docs", help="output folder (default: docs)")
+    p.add_argument("--name", default="results.md", help="report file name (default: results.md)")
+    p.add_argument(
+        "--image-prefix", default="results-", help="prefix of the PNG names (default: results-)"
+    )
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -238,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     # User-facing failures (bad data, bad model file, NaN loss) are ValueError/OSError/
     # RuntimeError subclasses with a message that names the culprit.
+    except DomainError as exc:  # e.g. `cnn report` with an unknown job id
+        print(f"cnn {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"cnn {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -52,6 +52,9 @@ STATUS: dict[str, int] = {
     "idempotency_key_reused": 422,
     "job_terminal": 409,
     "invalid_transition": 409,
+    # compare and report (issue 11)
+    "invalid_job_ids": 422,
+    "job_not_finished": 409,
     # nets, models and artifacts
     "unknown_net": 404,
     "model_not_found": 404,
@@ -117,6 +120,14 @@ class InputError(DomainError, ValueError):
 # ----------------------------------------------------------------------------- jobs
 class JobNotFound(DomainError, code="job_not_found"):
     """No job has this id."""
+
+
+class InvalidJobIds(DomainError, code="invalid_job_ids"):
+    """GET /compare or /report got an empty, too long or malformed list of job ids."""
+
+
+class JobNotFinished(DomainError, code="job_not_finished"):
+    """A report is written from succeeded jobs only."""
 
 
 class EvaluationNotFound(DomainError, code="no_evaluation"):

@@ -12,7 +12,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import dashboard, events, health, jobs, metrics, models, nets, predict, summary
+from app.api import (
+    compare,
+    dashboard,
+    events,
+    health,
+    jobs,
+    metrics,
+    models,
+    nets,
+    predict,
+    summary,
+)
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
@@ -61,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         predict.router,
         metrics.router,
+        compare.router,
     ):
         app.include_router(router)
     dashboard.install(app)

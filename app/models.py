@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -70,6 +71,18 @@ class Job(Base):
     train_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     precision: Mapped[str | None] = mapped_column(String(16), nullable=True)
     model_name: Mapped[str] = mapped_column(String(128))
+    # The levers (issue 11, migration 0005_training_levers); defaults = the course's setup.
+    augment_crop: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    augment_flip: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    cutout: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    label_smoothing: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    weight_decay: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    clipnorm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lr_schedule: Mapped[str] = mapped_column(
+        String(16), default="constant", server_default="constant"
+    )
+    warmup_epochs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    early_stopping_patience: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     current_epoch: Mapped[int] = mapped_column(Integer, default=0)
@@ -132,6 +145,8 @@ class EpochMetric(Base):
     val_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
     images_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The optimizer's rate at the epoch's end (issue 11); null for rows older than 0005.
+    learning_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="epoch_rows")

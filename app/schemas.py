@@ -19,11 +19,21 @@ from pydantic import (
     WrapValidator,
     computed_field,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from app.ml.nets import CLASS_NAMES, NETS
-from app.ml.params import Optimizer, default
+from app.ml.params import (
+    MAX_AUGMENT_CROP,
+    MAX_CLIPNORM,
+    MAX_CUTOUT,
+    MAX_PATIENCE,
+    MAX_WEIGHT_DECAY,
+    LrSchedule,
+    Optimizer,
+    default,
+)
 from app.ml.params import Precision as PrecisionChoice
 from app.models import as_utc
 from app.states import JobStatus
@@ -67,6 +77,37 @@ TrainLimit = Annotated[
     Field(ge=10, le=INT32_MAX),
     _expected(f"null or an integer from 10 to {INT32_MAX}"),
 ]
+AugmentCrop = Annotated[
+    int,
+    Field(ge=0, le=MAX_AUGMENT_CROP),
+    _expected(f"an integer from 0 to {MAX_AUGMENT_CROP} (pixels of padding)"),
+]
+Cutout = Annotated[
+    int, Field(ge=0, le=MAX_CUTOUT), _expected(f"an integer from 0 to {MAX_CUTOUT} (pixels)")
+]
+LabelSmoothing = Annotated[
+    float,
+    Field(ge=0, lt=1, allow_inf_nan=False),
+    _expected("a number from 0 (inclusive) to 1 (exclusive)"),
+]
+WeightDecay = Annotated[
+    float,
+    Field(ge=0, le=MAX_WEIGHT_DECAY, allow_inf_nan=False),
+    _expected(f"a number from 0 to {MAX_WEIGHT_DECAY:g}"),
+]
+ClipNorm = Annotated[
+    float | None,
+    Field(gt=0, le=MAX_CLIPNORM, allow_inf_nan=False),
+    _expected(f"null or a number greater than 0 and at most {MAX_CLIPNORM:g}"),
+]
+WarmupEpochs = Annotated[
+    int, Field(ge=0, le=1000), _expected("an integer from 0 to 1000, below epochs")
+]
+Patience = Annotated[
+    int | None,
+    Field(ge=1, le=MAX_PATIENCE),
+    _expected(f"null or an integer from 1 to {MAX_PATIENCE}"),
+]
 ModelName = Annotated[
     str | None,
     Field(pattern=MODEL_NAME_PATTERN),
@@ -99,6 +140,55 @@ class JobCreate(BaseModel):
     precision: PrecisionChoice | None = Field(
         default=None, description="Mixed-precision policy; null uses the worker's setting."
     )
+    # The levers (issue 11, docs/course.md); every default is the course's setup.
+    augment_crop: AugmentCrop = Field(
+        default=default("augment_crop"),
+        description="Pad by N pixels and crop a random 32x32 window (training only); 0 = off.",
+    )
+    augment_flip: bool = Field(
+        default=default("augment_flip"), description="Random horizontal flip (training only)."
+    )
+    cutout: Cutout = Field(
+        default=default("cutout"), description="Erase one random NxN square (training only)."
+    )
+    label_smoothing: LabelSmoothing = Field(
+        default=default("label_smoothing"),
+        description="Targets (1 - eps) * onehot + eps / 10; loss and val_loss are the smoothed loss.",
+    )
+    weight_decay: WeightDecay = Field(
+        default=default("weight_decay"),
+        description="Decoupled weight decay; needs optimizer 'adamw'.",
+    )
+    clipnorm: ClipNorm = Field(
+        default=default("clipnorm"), description="Clip each gradient to this L2 norm."
+    )
+    lr_schedule: LrSchedule = Field(
+        default=default("lr_schedule"),  # type: ignore[arg-type]
+        description="constant, cosine (to 0) or one_cycle (peak learning_rate); see docs/course.md.",
+    )
+    warmup_epochs: WarmupEpochs = Field(
+        default=default("warmup_epochs"),
+        description="Linear warm-up epochs (one_cycle: epochs to the peak, default 30%).",
+    )
+    early_stopping_patience: Patience = Field(
+        default=default("early_stopping_patience"),
+        description="Stop after N epochs without a lower val_loss and keep the best epoch's weights.",
+    )
+
+    @model_validator(mode="after")
+    def _levers_fit_together(self) -> JobCreate:
+        """The cross-field rules of TrainConfig (weight decay needs AdamW, warm-up < epochs...)."""
+        from app.ml.params import TrainConfig
+
+        values = self.model_dump(exclude={"model_name"})
+        values["precision"] = values["precision"] or "auto"
+        try:
+            TrainConfig(**values)
+        except ValueError as exc:
+            raise PydanticCustomError(
+                "invalid_combination", "{reason}", {"reason": str(exc)}
+            ) from None
+        return self
 
     @field_validator("net")
     @classmethod
@@ -128,6 +218,15 @@ class JobParameters(BaseModel):
     train_limit: int | None
     model_name: str
     precision: str | None
+    augment_crop: int = 0
+    augment_flip: bool = False
+    cutout: int = 0
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0
+    clipnorm: float | None = None
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 0
+    early_stopping_patience: int | None = None
 
 
 class Progress(BaseModel):
@@ -189,6 +288,7 @@ class EpochPublic(BaseModel):
     val_loss: float | None
     val_accuracy: float | None
     seconds: float
+    learning_rate: float | None = None
 
 
 class HistoryCurves(BaseModel):
@@ -196,6 +296,9 @@ class HistoryCurves(BaseModel):
     accuracy: list[float]
     val_loss: list[float | None]
     val_accuracy: list[float | None]
+    learning_rate: list[float | None] = Field(
+        default_factory=list, description="The optimizer's rate at each epoch's end."
+    )
 
 
 class AnalysisPublic(BaseModel):
@@ -204,6 +307,16 @@ class AnalysisPublic(BaseModel):
     final_gap: float | None = Field(description="accuracy - val_accuracy at the last epoch.")
     max_gap: float | None
     max_gap_epoch: int | None = None
+    restored_epoch: int | None = Field(
+        default=None,
+        description=(
+            "With early stopping: the epoch whose weights the stored model holds "
+            "(the best epoch); null without early stopping."
+        ),
+    )
+    stopped_early: bool = Field(
+        default=False, description="Early stopping ended the run before its last epoch."
+    )
 
 
 class HistoryPublic(BaseModel):

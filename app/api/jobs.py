@@ -89,7 +89,7 @@ def get_job(job_id: uuid.UUID, session: SessionDep) -> JobPublic:
     return JobPublic.model_validate(job_service.get_job(session, job_id))
 
 
-def _epoch_dicts(session: Session, job_id: uuid.UUID) -> list[dict[str, float | int | None]]:
+def _epoch_dicts(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]]:
     return [
         EpochPublic.model_validate(row).model_dump()
         for row in job_service.list_epochs(session, job_id)
@@ -108,8 +108,16 @@ def job_history(job_id: uuid.UUID, session: SessionDep) -> HistoryPublic:
         history=HistoryCurves.model_validate(
             {key: [row[key] for row in epochs] for key in HistoryCurves.model_fields}
         ),
-        analysis=AnalysisPublic(**analyse(epochs).to_dict()),
+        analysis=AnalysisPublic(**analyse(epochs).to_dict(), **_early_stopping(job, epochs)),
     )
+
+
+def _early_stopping(job: Any, epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which epoch an early-stopped run's stored model comes from (the lowest val_loss)."""
+    if getattr(job, "early_stopping_patience", None) is None or job.status != "succeeded":
+        return {}
+    best = analyse(epochs).best_epoch
+    return {"restored_epoch": best, "stopped_early": len(epochs) < job.epochs}
 
 
 @router.get(

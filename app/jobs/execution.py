@@ -237,6 +237,9 @@ def _record_values(record: EpochRecord | Mapping[str, Any]) -> dict[str, Any]:
         "images_per_second": (
             None if data.get("images_per_second") is None else float(data["images_per_second"])
         ),
+        "learning_rate": (
+            None if data.get("learning_rate") is None else float(data["learning_rate"])
+        ),
     }
 
 

@@ -327,6 +327,7 @@ class _Runner:
             "epochs": config.epochs,
             "device": result.device,
             "precision": result.precision,
+            **({"restored_epoch": result.best_epoch} if result.best_epoch else {}),
         }
 
         def stage_and_register() -> Any:

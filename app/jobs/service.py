@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.db import rowcount
 from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound
+from app.ml.params import LEVER_FIELDS
 from app.models import EpochMetric, Evaluation, Job
 from app.schemas import JobCreate
 from app.states import InvalidTransition, JobStatus, check_transition
@@ -32,6 +33,7 @@ PARAMETER_FIELDS = (
     "train_limit",
     "model_name",
     "precision",
+    *LEVER_FIELDS,
 )
 # A job row is re-read at most this often when a worker keeps changing it under a cancel.
 _CANCEL_ATTEMPTS = 5

@@ -4,6 +4,8 @@ Each figure is computed from the layer's hyper-parameters alone:
   convolution  P_n = ((m * n * C_i) + 1) * C_o
   dense        P_n = (N_in + 1) * N_out
   pool/flatten/dropout  P_n = 0
+  batch normalisation  P_n = 4 * C (gamma, beta trainable; moving mean and variance not)
+  add (residual)       P_n = 0, output shape = the (identical) input shapes
   output size  O_n = floor((N - F + 2P) / S) + 1
 and then compared with what Keras reports for the built model. A disagreement is a bug
 (and a failing test), not a footnote.
@@ -76,11 +78,15 @@ def _spatial(n: int, f: int, s: int, padding: str) -> tuple[int, float, str]:
     return out, pad, f"floor(({n} - {f} + 2*{pad_text}) / {s}) + 1 = {out} ('same')"
 
 
-def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
+def _calc_layer(
+    layer: Any, in_shape: list[int], in_shapes: list[list[int]] | None = None
+) -> LayerCalc:
     """The formula view of one Keras layer, from its configuration only."""
     kind = type(layer).__name__
     cfg = layer.get_config()
-    base = {"name": layer.name, "type": kind, "input_shape": in_shape}
+    base: dict[str, Any] = {"name": layer.name, "type": kind, "input_shape": in_shape}
+    if in_shapes is not None:
+        return _calc_merge(layer, base | {"input_shapes": in_shapes})
     if kind == "Conv2D":
         (m, n), (sh, sw) = _pair(cfg["kernel_size"]), _pair(cfg["strides"])
         c_in, c_out = in_shape[2], int(cfg["filters"])
@@ -151,6 +157,8 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
             formula=f"P = 4 * {channels} = {4 * channels:,} "
             "(gamma, beta trainable; moving mean, variance not)",
         )
+    if kind in ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"):
+        return _calc_merge(layer, base | {"input_shapes": [in_shape]})
     if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
         return LayerCalc(
             **base,
@@ -160,14 +168,42 @@ def _calc_layer(layer: Any, in_shape: list[int]) -> LayerCalc:
     raise NotImplementedError(f"no formula for layer type {kind} ({layer.name})")
 
 
+def _calc_merge(layer: Any, base: dict[str, Any]) -> LayerCalc:
+    """Element-wise merges (the residual Add): no weights, all inputs must have one shape."""
+    shapes: list[list[int]] = base.pop("input_shapes")
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(f"{layer.name}: inputs of different shapes {shapes}")
+    dims = "x".join(str(d) for d in shapes[0])
+    return LayerCalc(
+        **base,
+        output_shape=list(shapes[0]),
+        formula=f"P = 0; O = {dims} (element-wise over {len(shapes)} inputs of {dims})",
+    )
+
+
+def _inputs_of(layer: Any) -> list[Any]:
+    tensors = layer.input
+    return list(tensors) if isinstance(tensors, list | tuple) else [tensors]
+
+
 def summarize(net: str) -> NetSummary:
     """Build `net`, compute every layer's figures by formula and put Keras' beside them."""
     spec = get_net(net)
     model = spec.builder()
     shape = list(INPUT_SHAPE)
+    # Shapes by tensor, so that graphs with branches (residual blocks) are followed too;
+    # a layer whose input is not found takes the previous layer's output (Sequential).
+    by_tensor: dict[int, list[int]] = {id(t): list(INPUT_SHAPE) for t in model.inputs}
     layers: list[LayerCalc] = []
     for layer in model.layers:
-        calc = _calc_layer(layer, shape)
+        if type(layer).__name__ == "InputLayer":
+            continue
+        in_shapes = [by_tensor.get(id(t), shape) for t in _inputs_of(layer)]
+        if len(in_shapes) > 1:
+            calc = _calc_layer(layer, in_shapes[0], in_shapes)
+        else:
+            calc = _calc_layer(layer, in_shapes[0])
+        by_tensor[id(layer.output)] = calc.output_shape
         calc.keras_output_shape = [int(d) for d in layer.output.shape[1:]]
         calc.keras_params = int(layer.count_params())
         calc.agrees = (
@@ -201,12 +237,12 @@ def summarize(net: str) -> NetSummary:
 
 def format_table(summary: NetSummary) -> str:
     """A plain-text table for the CLI, one row per layer, formula beside the Keras figures."""
-    header = f"{'layer':<9} {'type':<13} {'output':<14} {'params':>10} {'keras':>10} ok  formula"
+    header = f"{'layer':<12} {'type':<18} {'output':<14} {'params':>10} {'keras':>10} ok  formula"
     lines = [f"{summary.title} ({summary.net}): {summary.layout}", header, "-" * len(header)]
     for layer in summary.layers:
         shape = "x".join(str(d) for d in layer.output_shape)
         lines.append(
-            f"{layer.name:<9} {layer.type:<13} {shape:<14} {layer.params:>10,} "
+            f"{layer.name:<12} {layer.type:<18} {shape:<14} {layer.params:>10,} "
             f"{layer.keras_params:>10,} {'yes' if layer.agrees else 'NO ':<3} {layer.formula}"
         )
     lines += [

@@ -47,6 +47,7 @@ class EpochRecord:
     val_accuracy: float | None
     seconds: float
     images_per_second: float
+    learning_rate: float | None = None  # the optimizer's rate at the epoch's end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +61,9 @@ class TrainResult:
     device: str
     precision: str
     resumed_from_epoch: int = 0
+    # Early stopping (issue 11): the epoch whose weights the model holds, and where it stopped.
+    best_epoch: int | None = None
+    stopped_epoch: int | None = None
 
 
 class _Cancelled(Exception):
@@ -176,33 +180,49 @@ def _write_checkpoint(model: keras.Model, checkpoint_dir: Path, records: list[Ep
 
 
 # ---------------------------------------------------------------------------- model
-def _make_optimizer(name: str, learning_rate: float) -> Any:
+def build_compiled(
+    config: TrainConfig, precision: str, steps_per_epoch: int | None = None
+) -> keras.Model:
+    """Build the net under `precision` and compile it with the run's optimizer (exercise 5).
+
+    The levers (app.ml.optim, app.ml.augment) change nothing unless the config asks:
+    augmentation layers in front of the net, smoothed loss, schedule, AdamW, clipnorm.
+    `steps_per_epoch` is what a per-step learning-rate schedule counts epochs by.
+    """
     import keras
 
-    classes = {
-        "adam": keras.optimizers.Adam,
-        "sgd": keras.optimizers.SGD,
-        "rmsprop": keras.optimizers.RMSprop,
-    }
-    return classes[name](learning_rate=learning_rate)
-
-
-def build_compiled(config: TrainConfig, precision: str) -> keras.Model:
-    """Build the net under `precision` and compile it with the run's optimizer (exercise 5)."""
-    import keras
+    from app.ml.augment import with_augmentation
+    from app.ml.optim import make_loss, make_optimizer
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
-        model = get_net(config.net).builder()
+        model = with_augmentation(get_net(config.net).builder(), config)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     model.compile(
-        optimizer=_make_optimizer(config.optimizer, config.learning_rate),
-        loss="sparse_categorical_crossentropy",
+        optimizer=make_optimizer(config, steps_per_epoch or 1),
+        loss=make_loss(config),
         metrics=["accuracy"],
     )
     return model
+
+
+def export_model(model: keras.Model) -> keras.Model:
+    """The model to evaluate and store: the plain net, compiled with the course's loss.
+
+    Augmentation layers are dropped (they are the identity outside training) and a
+    label-smoothed loss is replaced by plain cross-entropy, so a stored model is the net
+    alone with built-in layers only, and test losses compare across runs. The course's
+    nets without levers come back unchanged.
+    """
+    from app.ml.augment import without_augmentation
+
+    net = without_augmentation(model)
+    if net is model and isinstance(model.loss, str):
+        return model
+    net.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return net
 
 
 def split_validation(
@@ -258,6 +278,7 @@ def _make_callback(
                 )
             train_seconds = max(self._train_end - self._start, 1e-9)
             val_loss, val_acc = logs.get("val_loss"), logs.get("val_accuracy")
+            rate = logs.get("learning_rate")
             record = EpochRecord(
                 epoch=epoch + 1,
                 loss=loss,
@@ -266,6 +287,7 @@ def _make_callback(
                 val_accuracy=None if val_acc is None else float(val_acc),
                 seconds=time.perf_counter() - self._start,
                 images_per_second=n_train / train_seconds,
+                learning_rate=None if rate is None else float(rate),
             )
             if checkpoint_dir is not None:
                 _write_checkpoint(self.model, checkpoint_dir, [*earlier, *records, record])
@@ -314,17 +336,25 @@ def train(
         config.validation_split,
     )
 
+    from app.ml.callbacks import EarlyStoppingRestore, LearningRateLogger, early_stopped
+    from app.ml.optim import steps_per_epoch
+
     keras.utils.set_random_seed(config.seed)
     done = checkpoint_epoch(checkpoint_dir)
     if done:
         assert checkpoint_dir is not None
         model = keras.saving.load_model(checkpoint_model_path(checkpoint_dir))
     else:
-        model = build_compiled(config, precision)
+        model = build_compiled(config, precision, steps_per_epoch(len(x_train), config.batch_size))
 
     records: list[EpochRecord] = []
     cancelled = False
-    if done < config.epochs:
+    stopper = (
+        EarlyStoppingRestore(config.early_stopping_patience, state_dir=checkpoint_dir)
+        if config.early_stopping_patience is not None
+        else None
+    )
+    if done < config.epochs and not early_stopped(checkpoint_dir):
         earlier = checkpoint_records(checkpoint_dir) if done else []
         reporter = _make_callback(
             len(x_train), on_epoch, should_stop, checkpoint_dir, records, earlier
@@ -333,7 +363,14 @@ def train(
             "batch_size": config.batch_size,
             "epochs": config.epochs,
             "initial_epoch": done,
-            "callbacks": [reporter, *callbacks],
+            # Order matters: the rate goes into the logs before the reporter reads them,
+            # and early stopping decides after the epoch is checkpointed and reported.
+            "callbacks": [
+                LearningRateLogger(),
+                reporter,
+                *([stopper] if stopper else []),
+                *callbacks,
+            ],
             "verbose": verbose,
         }
         steps = math.ceil(len(x_train) / config.batch_size)
@@ -367,11 +404,17 @@ def train(
                 )
         except _Cancelled:
             cancelled = True
+    elif stopper is not None:  # resumed after the last epoch: hand back the best weights
+        stopper.set_model(model)
+        stopper.on_train_begin()
+        stopper.on_train_end()
     return TrainResult(
-        model=model,
+        model=model if cancelled else export_model(model),
         epochs=records,
         cancelled=cancelled,
         device=describe_device(),
         precision=precision,
         resumed_from_epoch=done,
+        best_epoch=None if stopper is None else stopper.best_epoch,
+        stopped_epoch=None if stopper is None else stopper.stopped_epoch,
     )

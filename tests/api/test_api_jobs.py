@@ -33,6 +33,16 @@ SEED_DEFAULTS = {
     "train_limit": None,
     "model_name": "net1",
     "precision": None,
+    # The issue-11 levers, all off.
+    "augment_crop": 0,
+    "augment_flip": False,
+    "cutout": 0,
+    "label_smoothing": 0.0,
+    "weight_decay": 0.0,
+    "clipnorm": None,
+    "lr_schedule": "constant",
+    "warmup_epochs": 0,
+    "early_stopping_patience": None,
 }
 
 
@@ -80,7 +90,7 @@ def test_post_job_keeps_every_given_parameter(client):
     }
     job = client.post("/jobs", json=body).json()
     assert job["net"] == "net2"
-    assert job["parameters"] == {k: v for k, v in body.items() if k != "net"}
+    assert job["parameters"] == SEED_DEFAULTS | {k: v for k, v in body.items() if k != "net"}
     assert job["progress"] == {"epoch": 0, "epochs": 3}
 
 
@@ -182,7 +192,11 @@ BAD_BODIES = [
     ({"net": "net1", "train_limit": 5}, "train_limit", "10 to"),
     ({"net": "net1", "epochs": "many"}, "epochs", "1 to 1000"),
     ({"net": "zzz_net"}, "net", "net1, net2, net3"),
-    ({"net": "net1", "optimizer": "zzz_adagrad"}, "optimizer", "'adam', 'sgd' or 'rmsprop'"),
+    (
+        {"net": "net1", "optimizer": "zzz_adagrad"},
+        "optimizer",
+        "'adam', 'sgd', 'rmsprop' or 'adamw'",
+    ),
     ({"net": "net1", "precision": "zzz_half"}, "precision", "mixed_bfloat16"),
     ({"net": "net1", "model_name": "zzz bad/name"}, "model_name", "A-Z"),
     ({"net": "net1", "zzz_extra": 1}, "zzz_extra", "not permitted"),
@@ -361,9 +375,10 @@ def test_history_of_a_running_job_holds_its_finished_epochs(client, make_job, ad
     body = client.get(f"/jobs/{job.id}/history").json()
     assert set(body) == {"job_id", "status", "epochs", "history", "analysis"}
     assert body["job_id"] == str(job.id) and body["status"] == "running"
-    assert body["epochs"] == rows
+    assert body["epochs"] == [row | {"learning_rate": None} for row in rows]
     assert body["history"] == {
-        key: [row[key] for row in rows] for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+        key: [row.get(key) for row in rows]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
     }
     analysis = body["analysis"]
     # Validation loss is lowest at epoch 2 and training loss keeps falling afterwards.
@@ -377,7 +392,13 @@ def test_history_without_epochs_is_empty(client, make_job):
     job = make_job("queued")
     body = client.get(f"/jobs/{job.id}/history").json()
     assert body["epochs"] == []
-    assert body["history"] == {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+    assert body["history"] == {
+        "loss": [],
+        "accuracy": [],
+        "val_loss": [],
+        "val_accuracy": [],
+        "learning_rate": [],
+    }
     assert body["analysis"]["best_epoch"] is None
 
 

@@ -5,7 +5,7 @@ import pytest
 from app.ml.nets import NETS, UnknownNetError, build_net, get_net
 from app.ml.summary import _spatial, format_table, summarize
 
-EXPECTED_PARAMS = {"net1": 193_034, "net2": 686_090, "net3": 3_267_306}
+EXPECTED_PARAMS = {"net1": 193_034, "net2": 686_090, "net3": 3_267_306, "net4": 1_648_362}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED_PARAMS))
@@ -104,3 +104,27 @@ def test_formulas_for_layers_better_nets_will_use():
         shape = calc.output_shape
     bn = _calc_layer(model.layers[1], [16, 16, 16])
     assert (bn.params, bn.trainable_params) == (64, 32)
+
+
+def test_net4_residual_adds_and_macs_against_net3():
+    s4, s3 = summarize("net4"), summarize("net3")
+    adds = [layer for layer in s4.layers if layer.type == "Add"]
+    assert [a.output_shape for a in adds] == [[16, 16, 64], [4, 4, 256]]
+    assert all(a.params == 0 and a.agrees for a in adds)
+    assert s4.non_trainable_params == s4.keras_total_params - s4.keras_trainable_params == 2_240
+    assert s4.macs_per_image == 95_259_136 and s4.macs_per_image < s3.macs_per_image
+    assert get_net("net4").title == "NET IV" and "RES" in get_net("net4").layout
+
+
+def test_add_formula_rejects_mismatched_shapes():
+    import keras
+    from keras import layers
+
+    from app.ml.summary import _calc_layer
+
+    a, b = keras.Input(shape=(4, 4, 8)), keras.Input(shape=(4, 4, 8))
+    add = layers.Add()
+    add([a, b])
+    assert _calc_layer(add, [4, 4, 8], [[4, 4, 8], [4, 4, 8]]).output_shape == [4, 4, 8]
+    with pytest.raises(ValueError, match="different shapes"):
+        _calc_layer(add, [4, 4, 8], [[4, 4, 8], [4, 4, 16]])

@@ -1,0 +1,74 @@
+"""Jobs side by side (GET /compare, /compare.png) and the course's report (GET /report)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from app.api.deps import SessionDep
+from app.reports.compare import MAX_COMPARE_JOBS, compare_jobs, parse_job_ids, require_finished
+
+router = APIRouter(tags=["compare"])
+
+JobIds = Annotated[
+    str,
+    Query(
+        max_length=40 * MAX_COMPARE_JOBS,
+        description=f"Comma-separated job ids, at most {MAX_COMPARE_JOBS}; the order is kept.",
+        examples=["3f0c...,9a1b..."],
+    ),
+]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "A job does not exist (`job_not_found`)."},
+    422: {"description": "The id list is empty, too long or malformed (`invalid_job_ids`)."},
+}
+
+
+@router.get("/compare", responses=ERRORS)
+def compare(jobs: JobIds, session: SessionDep) -> dict[str, Any]:
+    """One row per job: net, parameters, MACs, epochs, precision, device, training time,
+    test loss and accuracy, best epoch, overfitting onset, final and largest gap, history."""
+    return {"jobs": compare_jobs(session, parse_job_ids(jobs))}
+
+
+@router.get(
+    "/compare.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "Overlaid curves."}, **ERRORS},
+)
+def compare_png(jobs: JobIds, session: SessionDep) -> Response:
+    """The validation accuracy and loss of every job, overlaid."""
+    from app.reports.plots import compare_png as render
+
+    rows = compare_jobs(session, parse_job_ids(jobs))
+    return Response(render(rows), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/report",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/markdown": {}}, "description": "The report as Markdown."},
+        **ERRORS,
+        409: {"description": "A job has not succeeded (`job_not_finished`)."},
+    },
+)
+def report(jobs: JobIds, session: SessionDep) -> Response:
+    """The course's report (table, curves, one paragraph per course question) as Markdown;
+    its images link to /compare.png and /jobs/{id}/history.png."""
+    from app.reports.markdown import render_report
+
+    ids = parse_job_ids(jobs)
+    rows = compare_jobs(session, ids)
+    require_finished(rows)
+    joined = ",".join(str(i) for i in ids)
+    text = render_report(
+        rows,
+        compare_image=f"/compare.png?jobs={joined}",
+        curve_images={r["id"]: f"/jobs/{r['id']}/history.png" for r in rows},
+        command=f"GET /report?jobs={joined}",
+        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    return Response(text, media_type="text/markdown; charset=utf-8")
