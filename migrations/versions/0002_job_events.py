@@ -1,7 +1,7 @@
 """job events: a log of every status change and stored epoch, written by triggers
 
 Revision ID: 0002_job_events
-Revises: 0004_claim_counter
+Revises: 0005_training_levers
 Create Date: 2026-11-27
 
 `GET /jobs/{id}/events` streams this table. Triggers write it, so every status change
