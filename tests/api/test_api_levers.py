@@ -67,7 +67,7 @@ def test_idempotency_compares_the_levers_too(client, training_queue):
     again = client.post("/jobs", json={"net": "net1", "augment_flip": True}, headers=headers)
     assert again.json()["id"] == first.json()["id"]
     other = client.post("/jobs", json={"net": "net1"}, headers=headers)
-    assert other.status_code == 422 and "augment_flip" in other.text
+    assert other.status_code == 409 and "augment_flip" in other.text
 
 
 def test_history_has_the_learning_rate_and_the_restored_epoch(client, make_job, session_factory):
