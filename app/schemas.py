@@ -13,9 +13,11 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WrapValidator,
     computed_field,
     field_validator,
@@ -62,53 +64,92 @@ def _expected(description: str) -> WrapValidator:
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
-Epochs = Annotated[int, Field(ge=1, le=1000), _expected("an integer from 1 to 1000")]
-BatchSize = Annotated[int, Field(ge=1, le=8192), _expected("an integer from 1 to 8192")]
+
+def _json_typed(kind: type) -> BeforeValidator:
+    """Take only the JSON type the schema states: lax pydantic reads `true` as 1 and "3" as 3.
+
+    Integral floats (3.0) stay integers, as in JSON Schema. Query and form fields are text,
+    so their validation passes context={"form": True} to let pydantic parse the strings.
+    """
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is None or (isinstance(value, str) and (info.context or {}).get("form")):
+            return value
+        if kind is bool:
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            expected = "a boolean" if kind is bool else "a number"
+            raise PydanticCustomError("json_type", "expected {expected}", {"expected": expected})
+        return value
+
+    return BeforeValidator(check)
+
+
+JsonNumber = _json_typed(float)
+JsonBool = Annotated[bool, _json_typed(bool)]
+
+Epochs = Annotated[int, Field(ge=1, le=1000), JsonNumber, _expected("an integer from 1 to 1000")]
+BatchSize = Annotated[int, Field(ge=1, le=8192), JsonNumber, _expected("an integer from 1 to 8192")]
 ValidationSplit = Annotated[
     float,
     Field(ge=0, lt=1, allow_inf_nan=False),
+    JsonNumber,
     _expected("a number from 0 (inclusive) to 1 (exclusive)"),
 ]
 LearningRate = Annotated[
     float,
     Field(gt=0, le=10, allow_inf_nan=False),
+    JsonNumber,
     _expected("a number greater than 0 and at most 10"),
 ]
-Seed = Annotated[int, Field(ge=0, le=INT32_MAX), _expected(f"an integer from 0 to {INT32_MAX}")]
+Seed = Annotated[
+    int, Field(ge=0, le=INT32_MAX), JsonNumber, _expected(f"an integer from 0 to {INT32_MAX}")
+]
 TrainLimit = Annotated[
     int | None,
     Field(ge=10, le=INT32_MAX),
+    JsonNumber,
     _expected(f"null or an integer from 10 to {INT32_MAX}"),
 ]
 AugmentCrop = Annotated[
     int,
     Field(ge=0, le=MAX_AUGMENT_CROP),
+    JsonNumber,
     _expected(f"an integer from 0 to {MAX_AUGMENT_CROP} (pixels of padding)"),
 ]
 Cutout = Annotated[
-    int, Field(ge=0, le=MAX_CUTOUT), _expected(f"an integer from 0 to {MAX_CUTOUT} (pixels)")
+    int,
+    Field(ge=0, le=MAX_CUTOUT),
+    JsonNumber,
+    _expected(f"an integer from 0 to {MAX_CUTOUT} (pixels)"),
 ]
 LabelSmoothing = Annotated[
     float,
     Field(ge=0, lt=1, allow_inf_nan=False),
+    JsonNumber,
     _expected("a number from 0 (inclusive) to 1 (exclusive)"),
 ]
 WeightDecay = Annotated[
     float,
     Field(ge=0, le=MAX_WEIGHT_DECAY, allow_inf_nan=False),
+    JsonNumber,
     _expected(f"a number from 0 to {MAX_WEIGHT_DECAY:g}"),
 ]
 ClipNorm = Annotated[
     float | None,
     Field(gt=0, le=MAX_CLIPNORM, allow_inf_nan=False),
+    JsonNumber,
     _expected(f"null or a number greater than 0 and at most {MAX_CLIPNORM:g}"),
 ]
 WarmupEpochs = Annotated[
-    int, Field(ge=0, le=1000), _expected("an integer from 0 to 1000, below epochs")
+    int, Field(ge=0, le=1000), JsonNumber, _expected("an integer from 0 to 1000, below epochs")
 ]
 Patience = Annotated[
     int | None,
     Field(ge=1, le=MAX_PATIENCE),
+    JsonNumber,
     _expected(f"null or an integer from 1 to {MAX_PATIENCE}"),
 ]
 ModelName = Annotated[
@@ -153,7 +194,7 @@ class JobCreate(BaseModel):
         default=default("augment_crop"),
         description="Pad by N pixels and crop a random 32x32 window (training only); 0 = off.",
     )
-    augment_flip: bool = Field(
+    augment_flip: JsonBool = Field(
         default=default("augment_flip"), description="Random horizontal flip (training only)."
     )
     cutout: Cutout = Field(
@@ -407,7 +448,9 @@ class RegisteredModelPublic(BaseModel):
 class AliasUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: Annotated[int, Field(ge=1, le=INT32_MAX), _expected("a version number >= 1")]
+    version: Annotated[
+        int, Field(ge=1, le=INT32_MAX), JsonNumber, _expected("a version number >= 1")
+    ]
 
 
 class AliasPublic(BaseModel):
@@ -536,15 +579,13 @@ class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Registered model name.")
-    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    version: Annotated[int | None, Field(ge=1, le=INT32_MAX), JsonNumber] = None
     alias: str | None = Field(default=None, pattern=ALIAS_PATTERN)
-    resize: bool = Field(
+    resize: JsonBool = Field(
         default=False, description="Resize images that are not 32x32 instead of refusing them."
     )
-    top_k: int | None = Field(
+    top_k: Annotated[int | None, Field(ge=1, le=10), JsonNumber] = Field(
         default=None,
-        ge=1,
-        le=10,
         description="Answer only the k most probable classes of each image, most probable first.",
     )
     output: OutputForm = Field(

@@ -57,7 +57,11 @@ async def job_events(
     ] = None,
     after: Annotated[
         int | None,
-        Query(ge=0, le=2**62, description="Same as Last-Event-ID, for clients that cannot set headers."),
+        Query(
+            ge=0,
+            le=2**62,
+            description="Same as Last-Event-ID, for clients that cannot set headers.",
+        ),
     ] = None,
 ) -> Response:
     job = await run_in_threadpool(job_service.get_job, session, job_id)  # 404 if unknown

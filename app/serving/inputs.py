@@ -68,10 +68,13 @@ class PredictInput:
         return len(self.images) if self.images is not None else 1
 
 
-def options(fields: dict[str, Any]) -> PredictOptions:
-    """Validate the small fields; the message names each bad field (never its value)."""
+def options(fields: dict[str, Any], form: bool = False) -> PredictOptions:
+    """Validate the small fields; the message names each bad field (never its value).
+
+    form: the fields are query or form text ("3"), not JSON values (which must be numbers).
+    """
     try:
-        opts = PredictOptions.model_validate(fields)
+        opts = PredictOptions.model_validate(fields, context={"form": form})
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_input=False):
@@ -383,7 +386,7 @@ def raw_shape(text: str | None, length: int | None, max_instances: int) -> tuple
 
 def parse_raw_body(body: bytes, shape: tuple[int, ...], fields: dict[str, Any]) -> PredictInput:
     """An octet-stream body (its shape already checked by raw_shape) -> the batch."""
-    opts = options(fields)
+    opts = options(fields, form=True)
     if len(body) != math.prod(shape):
         raise InputError(
             "bad_shape",

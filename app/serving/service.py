@@ -119,7 +119,9 @@ class PredictionService:
 
     async def predict_upload(self, data: bytes, fields: dict[str, Any]) -> bytes:
         async with self._admitted():
-            return await self._serve(inputs.PredictInput(inputs.options(fields), upload=data))
+            return await self._serve(
+                inputs.PredictInput(inputs.options(fields, form=True), upload=data)
+            )
 
     # ------------------------------------------------------------------ the steps
     async def _serve(self, parsed: inputs.PredictInput) -> bytes:

@@ -189,6 +189,11 @@ BAD_BODIES = [
     ({"net": "net1", "learning_rate": 0}, "learning_rate", "greater than 0"),
     ({"net": "net1", "train_limit": 5}, "train_limit", "10 to"),
     ({"net": "net1", "epochs": "many"}, "epochs", "1 to 1000"),
+    # JSON types are strict: true is not 1, "3" is not 3, 1 is not true (schemathesis ST201).
+    ({"net": "net1", "batch_size": True}, "batch_size", "1 to 8192"),
+    ({"net": "net1", "epochs": "3"}, "epochs", "1 to 1000"),
+    ({"net": "net1", "augment_flip": 1}, "augment_flip", "boolean"),
+    ({"net": "net1", "learning_rate": True}, "learning_rate", "greater than 0"),
     ({"net": "zzz_net"}, "net", "net1, net2, net3"),
     (
         {"net": "net1", "optimizer": "zzz_adagrad"},
