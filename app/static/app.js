@@ -147,18 +147,24 @@ function showLogin(message) {
 
 async function useKey(key) {
   Key.set(key);
+  let readable = true;
   try {
     await api("/jobs?limit=1");
   } catch (err) {
-    if (err.status !== 401) showLogin(`Cannot use this key: ${err.message}`);
-    return;
+    // 403: a valid key without the read scope (a predict-only key): the Predict page works.
+    if (err.status !== 403) {
+      if (err.status !== 401) showLogin(`Cannot use this key: ${err.message}`);
+      return;
+    }
+    readable = false;
   }
   $("#login").hidden = true;
   main().hidden = false;
   $("#nav").style.visibility = "visible";
   $("#keybox").hidden = false;
-  $("#key-label").textContent = `key …${key.slice(-4)}`;
-  route();
+  $("#key-label").textContent = `key …${key.slice(-4)}${readable ? "" : " (predict only)"}`;
+  if (!readable && !location.hash.startsWith("#/predict")) location.hash = "#/predict"; // routes
+  else route();
 }
 
 // ------------------------------------------------------------------ router
@@ -595,20 +601,34 @@ async function pageModels() {
 
 // ------------------------------------------------------------------ predict
 async function pagePredict() {
-  const models = (await api("/models")).models;
+  // A predict-only key cannot list models (403): then the model and target are typed in.
+  let models = null;
+  try { models = (await api("/models")).models; } catch (err) { if (err.status !== 403) throw err; }
   main().append(h("h1", {}, "Predict"));
-  if (!models.length) { main().append(h("div", { class: "card muted" }, "No registered model yet.")); return; }
-  const modelSelect = h("select", { id: "predict-model" }, models.map((m) => h("option", { value: m.name }, m.name)));
-  const targetSelect = h("select", { id: "predict-target" });
-  async function fillTargets() {
-    const detail = await api(`/models/${modelSelect.value}`);
-    targetSelect.innerHTML = "";
-    targetSelect.append(h("option", { value: "" }, `latest (version ${detail.latest_version})`),
-      Object.entries(detail.aliases).map(([a, v]) => h("option", { value: `alias:${a}` }, `@${a} (version ${v})`)),
-      detail.versions.map((v) => h("option", { value: `version:${v.version}` }, `version ${v.version}`)));
+  if (models && !models.length) { main().append(h("div", { class: "card muted" }, "No registered model yet.")); return; }
+  let modelSelect, targetSelect;
+  if (models) {
+    modelSelect = h("select", { id: "predict-model" }, models.map((m) => h("option", { value: m.name }, m.name)));
+    targetSelect = h("select", { id: "predict-target" });
+    const fillTargets = async () => {
+      const detail = await api(`/models/${modelSelect.value}`);
+      targetSelect.innerHTML = "";
+      targetSelect.append(h("option", { value: "" }, `latest (version ${detail.latest_version})`),
+        Object.entries(detail.aliases).map(([a, v]) => h("option", { value: `alias:${a}` }, `@${a} (version ${v})`)),
+        detail.versions.map((v) => h("option", { value: `version:${v.version}` }, `version ${v.version}`)));
+    };
+    modelSelect.addEventListener("change", fillTargets);
+    await fillTargets();
+  } else {
+    modelSelect = h("input", { id: "predict-model", placeholder: "model name", required: true });
+    targetSelect = h("input", { id: "predict-target", placeholder: "latest, @alias or a version" });
   }
-  modelSelect.addEventListener("change", fillTargets);
-  await fillTargets();
+  // "" (latest), "alias:a" or "version:n", from the select or from the typed "@a" / "n".
+  function target() {
+    const t = targetSelect.value.trim();
+    if (models || !t) return t;
+    return t.startsWith("@") ? `alias:${t.slice(1)}` : `version:${t}`;
+  }
   const fileInput = h("input", { type: "file", id: "predict-file", accept: "image/png,image/jpeg", hidden: true });
   const drop = h("div", { class: "drop", id: "drop" }, "Drop a PNG or JPEG here, or click to choose one. Any size: it is resized to 32×32.");
   const canvas = h("canvas", { class: "pixelated", width: 32, height: 32, id: "preview" });
@@ -627,9 +647,9 @@ async function pagePredict() {
     ctx.drawImage(bitmap, 0, 0, 32, 32);
     const form = new FormData();
     form.append("model", modelSelect.value);
-    const target = targetSelect.value;
-    if (target.startsWith("alias:")) form.append("alias", target.slice(6));
-    if (target.startsWith("version:")) form.append("version", target.slice(8));
+    const chosen = target();
+    if (chosen.startsWith("alias:")) form.append("alias", chosen.slice(6));
+    if (chosen.startsWith("version:")) form.append("version", chosen.slice(8));
     form.append("resize", "true");
     form.append("file", file, file.name);
     result.innerHTML = "";

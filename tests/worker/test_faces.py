@@ -289,3 +289,23 @@ def _walk_through_the_dashboard(page: Any, service: Service, png: Path, shots: P
     page.goto(f"{service.url}/#/nets/net1")
     page.wait_for_selector("#layers tbody tr")
     assert "193,034" in page.inner_text("#net-params")
+
+    # A predict-only key: no job list (403), so the dashboard opens Predict with typed fields.
+    created = service.client.request(
+        "POST", "/keys", json={"name": f"kiosk-{os.getpid()}", "scopes": ["predict"]}
+    ).json()
+    kiosk = page.context.browser.new_page()  # its own context: a fresh sessionStorage
+    try:
+        kiosk.set_default_timeout(30_000)
+        kiosk.goto(service.url + "/")
+        kiosk.fill("#key-input", created["key"])
+        kiosk.click("text=Use this key")
+        kiosk.wait_for_url("**/#/predict")
+        assert "predict only" in kiosk.inner_text("#key-label")
+        kiosk.fill("#predict-model", "dashboard")
+        kiosk.fill("#predict-target", "@staging")
+        kiosk.set_input_files("#predict-file", str(png))
+        kiosk.wait_for_selector("#probabilities")
+        assert "dashboard version 1" in kiosk.inner_text("#predict-result")
+    finally:
+        kiosk.close()
