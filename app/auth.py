@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -168,6 +169,38 @@ def authenticate(session: Session, key: str) -> Principal:
         row.last_used_at = now
         session.commit()
     return Principal(id=row.id, name=row.name, scopes=frozenset(row.scopes.split()))
+
+
+class PrincipalCache:
+    """Principals of recently presented keys, for /predict's hot path (no query per request).
+
+    Entries live `ttl` seconds; `clear()` on every revocation in this process. Bounded: a
+    full cache is emptied rather than grown (only valid keys are stored, so it rarely is).
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, key: str) -> Principal | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() > entry[0]:
+            self._entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, key: str, principal: Principal) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + self.ttl, principal)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 # ----------------------------------------------------------------------------- ownership

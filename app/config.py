@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     MAX_ACTIVE_JOBS_PER_KEY: int = Field(default=4, ge=1)
     PREDICT_RATE_PER_S: float = Field(default=50.0, ge=0)
     PREDICT_BURST: int = Field(default=100, ge=1)
+    # /predict remembers a key's principal this long (no database query per request): a key
+    # revoked through this process stops at once, one revoked elsewhere within this time.
+    AUTH_CACHE_S: float = Field(default=5.0, ge=0, le=300)
 
     # Job size: one job must not hold a worker for days or exhaust its memory.
     JOB_MAX_EPOCHS: int = Field(default=200, ge=1)

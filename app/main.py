@@ -28,10 +28,11 @@ from app.api import (
 )
 from app.api.deps import ReadAccess
 from app.api.limits import install_limits
+from app.auth import PrincipalCache
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
-from app.metrics import predict_middleware
+from app.metrics import PredictMetrics
 from app.quotas import RateLimiter
 from app.serving.service import PredictionService
 
@@ -166,11 +167,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessionmaker = sessions
     app.state.predict_limiter = RateLimiter(settings.PREDICT_RATE_PER_S, settings.PREDICT_BURST)
+    app.state.principal_cache = PrincipalCache(settings.AUTH_CACHE_S)
     app.state.prediction = prediction
     install_error_handlers(app)
     install_limits(app, settings)
     _document_security(app, settings)
-    app.middleware("http")(predict_middleware)
+    app.add_middleware(PredictMetrics)
     for router in (
         health.router,
         nets.router,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 
 from app import auth
-from app.api.deps import AdminAccess, AdminPrincipal, JsonBody, SessionDep
+from app.api.deps import AdminAccess, AdminPrincipal, JsonBody, SessionDep, principal_cache
 from app.schemas import INT32_MAX, ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPublic
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -47,6 +47,10 @@ def list_keys(session: SessionDep, _: AdminPrincipal) -> ApiKeyList:
         409: {"description": "The key of this very request (`key_in_use`)."},
     },
 )
-def revoke_key(key_id: KeyId, session: SessionDep, principal: AdminPrincipal) -> ApiKeyPublic:
+def revoke_key(
+    key_id: KeyId, request: Request, session: SessionDep, principal: AdminPrincipal
+) -> ApiKeyPublic:
     """Revoke at once (the next request with it is 401); revoking twice is harmless."""
-    return ApiKeyPublic.from_row(auth.revoke_key(session, key_id, by=principal))
+    row = auth.revoke_key(session, key_id, by=principal)
+    principal_cache(request).clear()  # /predict's cached principals: this process at once
+    return ApiKeyPublic.from_row(row)

@@ -168,3 +168,42 @@ def test_first_start_writes_an_admin_key_readable_only_by_its_owner(tmp_path):
     path.unlink()  # a deleted file is not silently replaced by a second admin key
     _bootstrap_admin_key(settings)
     assert not path.exists()
+
+
+# ------------------------------------------------------------------ /predict's key cache
+PIXELS = [[[[0, 0, 0]] * 32] * 32]
+
+
+def _predict_status(client, key: str) -> int:
+    """404 (no such model) once the key is accepted; 401 when it is refused."""
+    body = {"model": "no-such-model", "instances": PIXELS}
+    return client.post("/predict", json=body, headers=bearer(key)).status_code
+
+
+def test_a_key_revoked_through_the_api_stops_predicting_at_once(client, api_key, session_factory):
+    key = api_key("predict", name="kiosk")
+    assert _predict_status(client, key) == 404  # accepted, and now cached
+    with session_factory() as session:
+        key_id = auth.find_key(session, "kiosk").id
+    assert client.delete(f"/keys/{key_id}").status_code == 200
+    assert _predict_status(client, key) == 401
+
+
+def test_a_key_revoked_elsewhere_stops_within_auth_cache_s(
+    client, client_for, settings, api_key, session_factory
+):
+    cached = api_key("predict", name="cached")
+    assert _predict_status(client, cached) == 404
+    with session_factory() as session:
+        auth.revoke_key(session, "cached")  # another process: the CLI, another replica
+    # Within AUTH_CACHE_S (5 s by default) this process still knows the key...
+    assert _predict_status(client, cached) == 404
+    client.app.state.principal_cache.clear()  # ...as it would once the entry expires
+    assert _predict_status(client, cached) == 401
+    # AUTH_CACHE_S=0: no cache, every request asks the database.
+    with client_for(settings.model_copy(update={"AUTH_CACHE_S": 0.0})) as uncached:
+        fresh = api_key("predict", name="fresh")
+        assert _predict_status(uncached, fresh) == 404
+        with session_factory() as session:
+            auth.revoke_key(session, "fresh")
+        assert _predict_status(uncached, fresh) == 401
