@@ -206,7 +206,7 @@ class WorkerSupervisor(threading.Thread):
             log.exception("could not hand back the jobs of dead worker %s", name)
 
     def run(self) -> None:
-        backoff = 0.0
+        quick_deaths = 0
         self._spawn()
         # The standby loads once the first worker is up, not competing with its start.
         self._spare_due = time.monotonic() + STABLE_AFTER_S
@@ -226,7 +226,10 @@ class WorkerSupervisor(threading.Thread):
                 continue
             lived = time.monotonic() - started
             self._hand_back(self.worker_name)
-            backoff = 0.0 if lived >= STABLE_AFTER_S else min(max(backoff * 2, 1.0), MAX_BACKOFF_S)
+            # The first death restarts at once (a killed worker's job is waiting); only a
+            # worker that keeps dying young waits 1, 2, 4... s (a crash loop, not a job).
+            quick_deaths = 0 if lived >= STABLE_AFTER_S else quick_deaths + 1
+            backoff = 0.0 if quick_deaths <= 1 else min(2.0 ** (quick_deaths - 2), MAX_BACKOFF_S)
             log.warning(
                 "worker process %d exited with code %s; a new one takes over in %.0f s",
                 process.pid,

@@ -175,6 +175,8 @@ class Bench:
         )
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         wait_for(lambda: _up(http), 120, "cnn serve to answer", interval=0.2)
+        # cnn serve wrote its first admin key there on start (docs/security.md).
+        http.headers["Authorization"] = f"Bearer {settings.admin_key_file.read_text().strip()}"
 
         def kill(name: str) -> None:
             os.kill(_worker_pid(serve.pid, name), signal.SIGKILL)
@@ -188,6 +190,8 @@ class Bench:
     def distributed(self) -> list[tuple[float, float]]:
         import psycopg
 
+        from app import auth
+        from app.db import session_factory
         from app.migrate import upgrade
 
         redis_port = free_port()
@@ -240,7 +244,13 @@ class Bench:
                 ],
                 settings,
             )
-            http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+            with session_factory(settings)() as session:
+                key = auth.create_key(session, "bench-recovery", "admin").key
+            http = httpx.Client(
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=30,
+                headers={"Authorization": f"Bearer {key}"},
+            )
             wait_for(lambda: _up(http), 120, "the API to answer", interval=0.2)
             worker_cmd = [sys.executable, "-m", "app.cli", "worker"]
             current = [self.start("worker", worker_cmd, settings)]
