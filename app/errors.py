@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     from app.states import JobStatus
 
@@ -326,9 +327,9 @@ def allowed_methods(request: Any) -> list[str]:
     return sorted(methods)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error through error_body so clients see one shape."""
-    from fastapi import Request
+def error_response(request: Any, exc: Exception) -> JSONResponse:
+    """Any exception as the common error body: the app's handlers and /predict's fast path
+    (app.api.predict.PredictFastPath) both answer through this one function."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from sqlalchemy.exc import OperationalError
@@ -344,25 +345,18 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(code, message, details), status_code=status_of(code), headers=headers
         )
 
-    @app.exception_handler(DomainError)
-    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+    if isinstance(exc, DomainError):
         return render(exc.code, exc.message, exc.details, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    if isinstance(exc, RequestValidationError):
         message, fields = _describe_validation(exc)
         return render("validation_error", message, {"fields": fields})
-
-    @app.exception_handler(OperationalError)
-    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+    if isinstance(exc, OperationalError):
         # Connection refused, server gone, SQLite locked: worth a retry, not a 500.
         log.warning("database error: %s", exc.orig)
         return render(
             "database_unavailable", f"the database does not answer ({type(exc.orig).__name__})"
         )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         headers = exc.headers
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
@@ -373,9 +367,25 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers
         )
+    # The detail goes to the log only; the client learns the exception's type.
+    log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    return render("internal_error", f"unexpected server error ({type(exc).__name__})")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The detail goes to the log only; the client learns the exception's type.
-        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-        return render("internal_error", f"unexpected server error ({type(exc).__name__})")
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through error_response so clients see one shape."""
+    from fastapi.exceptions import RequestValidationError
+    from sqlalchemy.exc import OperationalError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def handle(request: Any, exc: Exception) -> JSONResponse:
+        return error_response(request, exc)
+
+    for kind in (
+        DomainError,
+        RequestValidationError,
+        OperationalError,
+        StarletteHTTPException,
+        Exception,
+    ):
+        app.add_exception_handler(kind, handle)

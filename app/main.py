@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.principal_cache = PrincipalCache(settings.AUTH_CACHE_S)
     app.state.prediction = prediction
     install_error_handlers(app)
+    app.add_middleware(predict.PredictFastPath)  # innermost: inside the host and body-size guards
     install_limits(app, settings)
     _document_security(app, settings)
     app.add_middleware(PredictMetrics)

@@ -138,7 +138,7 @@ def principal_cache(request: Request) -> PrincipalCache:
     return cache
 
 
-async def _predict_principal(request: Request, credentials: BearerDep) -> Principal:
+async def predict_principal(request: Request, credentials: BearerDep) -> Principal:
     """get_principal for /predict: a cached key needs no query and no thread hop."""
     settings: Settings = request.app.state.settings
     if settings.AUTH == "off" or credentials is None:
@@ -166,7 +166,7 @@ def _authenticate_fresh(request: Request, key: str) -> Principal:
 
 
 async def rate_limited_predict(
-    request: Request, principal: Annotated[Principal, Depends(_predict_principal)]
+    request: Request, principal: Annotated[Principal, Depends(predict_principal)]
 ) -> Principal:
     """The /predict caller, after taking a token from its bucket (429 + Retry-After).
 
