@@ -164,6 +164,8 @@ def report(spec_file: str) -> int:
         ],
         capture_output=True,
         text=True,
+        # The report only reads the database and draws: no second process on the card.
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     print(proc.stdout[-4000:], proc.stderr[-4000:])
     OUT.mkdir(parents=True, exist_ok=True)
