@@ -77,13 +77,9 @@ def get_principal(
     """Who is calling: the key's principal, AUTH_OFF, or the anonymous caller (no scopes
     unless ANONYMOUS_READ / ANONYMOUS_PREDICT open them). A bad key is 401 even where
     anonymous callers are allowed, so a typo in a key never passes silently."""
-    if settings.AUTH == "off":
-        return AUTH_OFF
-    if credentials is not None:
+    if settings.AUTH != "off" and credentials is not None:
         return authenticate(session, credentials.credentials)
-    if request.headers.get("authorization"):
-        raise Unauthorized("the Authorization header must be 'Bearer <API key>'")
-    return anonymous(scope for scope, flag in ANONYMOUS_SCOPES.items() if getattr(settings, flag))
+    return _keyless_principal(request, settings)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -96,7 +92,6 @@ def require_scope(*scopes: str) -> Callable[..., Principal]:
     request (not GET/HEAD/OPTIONS, not /predict) also needs the bearer header even with
     AUTH=off or anonymous access: a browser cannot add it to a cross-site request.
     """
-    wanted = " or ".join(scopes)
 
     def dependency(request: Request, principal: PrincipalDep) -> Principal:
         state_changing = request.method not in SAFE_METHODS and "predict" not in scopes
@@ -104,14 +99,20 @@ def require_scope(*scopes: str) -> Callable[..., Principal]:
             raise Unauthorized(
                 "this request changes state and needs the header 'Authorization: Bearer <API key>'"
             )
-        if any(principal.allows(scope) for scope in scopes):
-            return principal
-        if principal.id is None and principal.name == "anonymous":
-            raise Unauthorized(f"this request needs an API key with the {wanted} scope")
-        raise Forbidden(f"this API key lacks the {wanted} scope")
+        return _holding(principal, scopes)
 
     dependency.__name__ = f"require_scope_{'_'.join(scopes)}"
     return dependency
+
+
+def _holding(principal: Principal, scopes: tuple[str, ...]) -> Principal:
+    """The principal if it holds one of `scopes`: else 401 (no key) or 403 (a key without)."""
+    if any(principal.allows(scope) for scope in scopes):
+        return principal
+    wanted = " or ".join(scopes)
+    if principal.id is None and principal.name == "anonymous":
+        raise Unauthorized(f"this request needs an API key with the {wanted} scope")
+    raise Forbidden(f"this API key lacks the {wanted} scope")
 
 
 # One dependency object per scope, so that listing it in a route's `dependencies=[...]`
@@ -142,7 +143,7 @@ async def predict_principal(request: Request, credentials: BearerDep) -> Princip
     """get_principal for /predict: a cached key needs no query and no thread hop."""
     settings: Settings = request.app.state.settings
     if settings.AUTH == "off" or credentials is None:
-        return _anonymous_principal(request, settings)
+        return _keyless_principal(request, settings)
     key = credentials.credentials
     cache = principal_cache(request)
     principal = cache.get(key)
@@ -152,7 +153,8 @@ async def predict_principal(request: Request, credentials: BearerDep) -> Princip
     return principal
 
 
-def _anonymous_principal(request: Request, settings: Settings) -> Principal:
+def _keyless_principal(request: Request, settings: Settings) -> Principal:
+    """AUTH_OFF, or the anonymous caller (no scopes unless ANONYMOUS_* open them)."""
     if settings.AUTH == "off":
         return AUTH_OFF
     if request.headers.get("authorization"):
@@ -173,10 +175,7 @@ async def rate_limited_predict(
     Async and cached (see PrincipalCache): the sync dependency chain cost four thread
     hand-offs and a database query per request, a quarter of the API's time at 32 clients.
     """
-    if not principal.allows("predict"):
-        if principal.id is None and principal.name == "anonymous":
-            raise Unauthorized("this request needs an API key with the predict scope")
-        raise Forbidden("this API key lacks the predict scope")
+    _holding(principal, ("predict",))
     limiter: RateLimiter = request.app.state.predict_limiter
     client = request.client.host if request.client else "unknown"
     limiter.check(f"key:{principal.id}" if principal.id is not None else f"anon:{client}")
