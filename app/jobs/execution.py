@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -286,6 +286,7 @@ def record_epoch(
     """
     job_id = _as_uuid(job_id)
     values = _record_values(record)
+    _limit_stalled_write(session)
     now = db_now(session)
     epoch = values["epoch"]
     moved = session.execute(
@@ -305,8 +306,22 @@ def record_epoch(
     return True
 
 
+# A worker frozen inside one of its write transactions (SIGSTOP, a paused VM, a long GC pause)
+# would hold the job's row lock, and the sweep and the API's cancel would wait on it until it
+# thawed. PostgreSQL ends such a session after this long (SET LOCAL: this transaction only).
+STALLED_WRITE_LIMIT_S = 10
+
+
+def _limit_stalled_write(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text(f"SET LOCAL idle_in_transaction_session_timeout = '{STALLED_WRITE_LIMIT_S}s'")
+        )
+
+
 def _owned_update(session: Session, job_id: uuid.UUID | str, token: int, **values: Any) -> bool:
     """UPDATE a job this claim owns (heartbeat_at from the database's clock); commit."""
+    _limit_stalled_write(session)
     values.setdefault("heartbeat_at", db_now(session))
     result = session.execute(
         update(Job)

@@ -10,12 +10,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.files import file_digest
 from app.jobs import execution
-from app.jobs.runner import infrastructure_message, is_infrastructure_fault
+from app.jobs.runner import infrastructure_message, is_database_fault, is_infrastructure_fault
 from app.jobs.service import cancel_job
 from app.models import Job, ModelVersion
 from app.registry.store import LocalArtifactStore, StoredArtifact
@@ -235,3 +235,28 @@ def test_a_data_error_is_the_jobs_fault_even_when_caused_by_an_os_error():
             raise DataError("cannot read /data") from cause
     except DataError as exc:
         assert not is_infrastructure_fault(exc)
+
+
+def test_a_worker_frozen_inside_its_write_lets_go_of_the_job_row(make_job, session_factory):
+    """A heartbeat transaction that stalls after its UPDATE (the worker SIGSTOPped between the
+    UPDATE and the COMMIT) must not hold the job's row lock until the worker thaws: PostgreSQL
+    ends that session after STALLED_WRITE_LIMIT_S and the sweep's or the API's write goes on."""
+    job = make_job("running", claims=1)
+    frozen = session_factory()
+    execution._limit_stalled_write(frozen)
+    frozen.execute(text("UPDATE jobs SET heartbeat_at = now() WHERE id = :id"), {"id": job.id})
+    # `frozen` now holds the row lock and sends nothing more, as a stopped process would.
+    with session_factory() as other:
+        # Without the limit this waits for the lock until lock_timeout and raises.
+        other.execute(text("SET LOCAL lock_timeout = '60s'"))
+        other.execute(
+            text("UPDATE jobs SET cancel_requested = true WHERE id = :id"), {"id": job.id}
+        )
+        other.commit()
+    with pytest.raises(DBAPIError) as ended:  # the frozen session was ended by the server
+        frozen.commit()
+    frozen.close()
+    # A lost connection, which the runner treats as an infrastructure fault (retry, no attempt).
+    assert is_database_fault(ended.value)
+    with session_factory() as check:
+        assert check.get(Job, job.id).cancel_requested is True
