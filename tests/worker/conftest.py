@@ -35,6 +35,25 @@ FAST_ROBUSTNESS = {
 }
 
 
+def stack_settings(
+    url: str, redis_url: str, name: str, state_dir: Path, cache: Path, archive: Path, **extra: Any
+) -> Settings:
+    """Settings of a real stack on a fresh database: its own queues (named after `name` and a
+    random tag), the real CIFAR-10 archive and its decoded cache, fast robustness timings."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        _env_file=None,
+        DATABASE_URL=url,
+        CELERY_BROKER_URL=redis_url,
+        TRAINING_QUEUE=f"training-{name}-{tag}",
+        MAINTENANCE_QUEUE=f"maintenance-{name}-{tag}",
+        STATE_DIR=state_dir,
+        CACHE_DIR=cache,
+        CIFAR10_SOURCE=str(archive),
+        **{**FAST_ROBUSTNESS, **extra},
+    )
+
+
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout

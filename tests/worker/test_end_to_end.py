@@ -35,6 +35,7 @@ from .conftest import (
     Processes,
     admin_key,
     free_port,
+    stack_settings,
     wait_api,
     wait_for,
 )
@@ -94,17 +95,13 @@ def stack(
 ) -> Iterator[Stack]:
     url = fresh_pg_database()
     upgrade(url)
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings(
-        _env_file=None,
-        DATABASE_URL=url,
-        CELERY_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
-        TRAINING_QUEUE=f"training-e2e-{tag}",
-        MAINTENANCE_QUEUE=f"maintenance-e2e-{tag}",
-        STATE_DIR=tmp_path_factory.mktemp("e2e-state"),
-        CACHE_DIR=cifar10_cache,
-        CIFAR10_SOURCE=str(cifar10_archive),
-        **FAST_ROBUSTNESS,
+    settings = stack_settings(
+        url,
+        f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "e2e",
+        tmp_path_factory.mktemp("e2e-state"),
+        cifar10_cache,
+        cifar10_archive,
     )
     procs = Processes(tmp_path_factory.mktemp("e2e-api-logs"))
     port = free_port()

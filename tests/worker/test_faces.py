@@ -29,7 +29,7 @@ from app.client import ApiClient
 from app.config import Settings
 from app.migrate import upgrade
 
-from .conftest import FAST_ROBUSTNESS, Processes, admin_key, free_port, process_env
+from .conftest import Processes, admin_key, free_port, process_env, stack_settings
 
 pytestmark = pytest.mark.slow
 
@@ -68,18 +68,14 @@ def service(
 ) -> Iterator[Service]:
     url = fresh_pg_database()
     upgrade(url)
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings(
-        _env_file=None,
-        DATABASE_URL=url,
-        CELERY_BROKER_URL="redis://127.0.0.1:6379/11",
-        TRAINING_QUEUE=f"training-faces-{tag}",
-        MAINTENANCE_QUEUE=f"maintenance-faces-{tag}",
-        STATE_DIR=tmp_path_factory.mktemp("faces-state"),
-        CACHE_DIR=cifar10_cache,
-        CIFAR10_SOURCE=str(cifar10_archive),
+    settings = stack_settings(
+        url,
+        "redis://127.0.0.1:6379/11",
+        "faces",
+        tmp_path_factory.mktemp("faces-state"),
+        cifar10_cache,
+        cifar10_archive,
         EVENTS_POLL_S=0.2,
-        **FAST_ROBUSTNESS,
     )
     procs = Processes(tmp_path_factory.mktemp("faces-logs"))
     port = free_port()
