@@ -193,25 +193,40 @@ def _cmd_report(args: argparse.Namespace) -> int:
         ]
         (out / file).write_bytes(history_png(epochs, title=f"{title(row)}: job {row['id'][:8]}"))
         curves[row["id"]] = file
-    command = f"cnn report --jobs {','.join(str(i) for i in ids)} --out {args.out}"
+    command = report_command(args, ids)
     text = render_report(
         rows,
         compare_image=f"{prefix}compare.png",
         curve_images=curves,
         command=command,
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        reproduce=REPRODUCE.format(command=command),
+        reproduce=REPRODUCE.format(command=command, jobs_file=args.jobs_file),
     )
     (out / args.name).write_text(text)
     print(f"wrote {out / args.name} and {len(rows) + 1} PNGs")
     return 0
 
 
-REPRODUCE = """The jobs are the POST /jobs bodies of `scripts/report_jobs.json` (NET I-III with the \
-course's settings in float32; NET IV's recipe). With the service running:
+def report_command(args: argparse.Namespace, ids: list[Any]) -> str:
+    """The `cnn report` call that wrote this report, with every option that is not the default,
+    so that the report's own Reproduce section repeats it exactly."""
+    parts = [f"cnn report --jobs {','.join(str(i) for i in ids)} --out {args.out}"]
+    for option, value, standard in (
+        ("--name", args.name, "results.md"),
+        ("--image-prefix", args.image_prefix, "results-"),
+        ("--jobs-file", args.jobs_file, DEFAULT_JOBS_FILE),
+    ):
+        if value != standard:
+            parts.append(f"{option} {value}")
+    return " ".join(parts)
+
+
+DEFAULT_JOBS_FILE = "scripts/report_jobs.json"
+
+REPRODUCE = """The jobs are the POST /jobs bodies of `{jobs_file}`. With the service running:
 
 ```bash
-python scripts/submit_report_jobs.py --url http://localhost:8000   # prints the job ids
+python scripts/submit_report_jobs.py --url http://localhost:8000 --jobs {jobs_file}   # job ids
 # ... wait until they succeeded (GET /jobs/ID), then:
 {command}
 ```"""
@@ -405,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="results.md", help="report file name (default: results.md)")
     p.add_argument(
         "--image-prefix", default="results-", help="prefix of the PNG names (default: results-)"
+    )
+    p.add_argument(
+        "--jobs-file",
+        default=DEFAULT_JOBS_FILE,
+        help=f"the POST /jobs bodies the Reproduce section names (default: {DEFAULT_JOBS_FILE})",
     )
     p.set_defaults(func=_cmd_report)
     return parser

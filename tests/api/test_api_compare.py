@@ -146,6 +146,34 @@ def test_cnn_report_writes_markdown_and_pngs(finished, settings, tmp_path, monke
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert "results-compare.png" in pngs and len(pngs) == 5
     assert "](results-compare.png)" in text
+    assert "--jobs scripts/report_jobs.json" in text
+
+
+def test_cnn_report_repeats_its_own_options(finished, settings, tmp_path, monkeypatch):
+    from app.cli import main
+    from app.config import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    get_settings.cache_clear()
+    jobs = ",".join(finished[n] for n in ("net3", "net4"))
+    args = ["report", "--jobs", jobs, "--out", str(tmp_path), "--name", "cpu.md"]
+    args += ["--image-prefix", "cpu-", "--jobs-file", "scripts/report_jobs_cpu.json"]
+    try:
+        assert main(args) == 0
+    finally:
+        get_settings.cache_clear()
+    text = (tmp_path / "cpu.md").read_text()
+    command = f"cnn report --jobs {jobs} --out {tmp_path} --name cpu.md --image-prefix cpu-"
+    assert command + " --jobs-file scripts/report_jobs_cpu.json" in text
+    assert "--jobs scripts/report_jobs_cpu.json" in text
+    assert sorted(p.name for p in tmp_path.glob("*.png"))[0] == "cpu-compare.png"
+    assert "](cpu-compare.png)" in text
+
+
+def _course_body(body: dict) -> None:
+    assert body["precision"] == "float32" and body["epochs"] == 20
+    assert body["batch_size"] == 128 and body["validation_split"] == 0.2
+    assert not JobCreate.model_validate(body).model_dump().get("augment_flip")
 
 
 def test_report_jobs_file_is_valid_and_runs_the_course_nets_as_defined():
@@ -154,6 +182,13 @@ def test_report_jobs_file_is_valid_and_runs_the_course_nets_as_defined():
     for body in bodies:
         JobCreate.model_validate(body)
     for body in bodies[:3]:
-        assert body["precision"] == "float32" and body["epochs"] == 20
-        assert body["batch_size"] == 128 and body["validation_split"] == 0.2
-        assert not JobCreate.model_validate(body).model_dump().get("augment_flip")
+        _course_body(body)
+
+
+def test_cpu_report_jobs_file_is_valid_and_keeps_net3_as_defined():
+    path = Path(__file__).parents[2] / "scripts" / "report_jobs_cpu.json"
+    bodies = json.loads(path.read_text())
+    assert [b["net"] for b in bodies] == ["net3", "net4"]
+    for body in bodies:
+        JobCreate.model_validate(body)
+    _course_body(bodies[0])
