@@ -226,8 +226,9 @@ DEFAULT_JOBS_FILE = "scripts/report_jobs.json"
 REPRODUCE = """The jobs are the POST /jobs bodies of `{jobs_file}`. With the service running:
 
 ```bash
-python scripts/submit_report_jobs.py --url http://localhost:8000 --jobs {jobs_file}   # job ids
-# ... wait until they succeeded (GET /jobs/ID), then:
+python scripts/submit_report_jobs.py --url http://localhost:8000 --key "$(cat var/admin.key)" \\
+    --jobs {jobs_file} --wait   # prints the job ids, then waits until they are done
+# then, in the service's folder (same DATABASE_URL):
 {command}
 ```"""
 
