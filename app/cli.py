@@ -207,21 +207,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_DEFAULTS = {
+    "--name": "results.md",
+    "--image-prefix": "results-",
+    "--jobs-file": "scripts/report_jobs.json",
+}
+
+
 def report_command(args: argparse.Namespace, ids: list[Any]) -> str:
     """The `cnn report` call that wrote this report, with every option that is not the default,
     so that the report's own Reproduce section repeats it exactly."""
     parts = [f"cnn report --jobs {','.join(str(i) for i in ids)} --out {args.out}"]
-    for option, value, standard in (
-        ("--name", args.name, "results.md"),
-        ("--image-prefix", args.image_prefix, "results-"),
-        ("--jobs-file", args.jobs_file, DEFAULT_JOBS_FILE),
-    ):
+    for option, standard in REPORT_DEFAULTS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
         if value != standard:
             parts.append(f"{option} {value}")
     return " ".join(parts)
 
-
-DEFAULT_JOBS_FILE = "scripts/report_jobs.json"
 
 REPRODUCE = """The jobs are the POST /jobs bodies of `{jobs_file}`. With the service running:
 
@@ -418,15 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="Markdown report + PNGs from finished jobs (DATABASE_URL)")
     p.add_argument("--jobs", required=True, help="comma-separated job ids, in table order")
     p.add_argument("--out", default="docs", help="output folder (default: docs)")
-    p.add_argument("--name", default="results.md", help="report file name (default: results.md)")
-    p.add_argument(
-        "--image-prefix", default="results-", help="prefix of the PNG names (default: results-)"
-    )
-    p.add_argument(
-        "--jobs-file",
-        default=DEFAULT_JOBS_FILE,
-        help=f"the POST /jobs bodies the Reproduce section names (default: {DEFAULT_JOBS_FILE})",
-    )
+    for option, help_text in (
+        ("--name", "report file name"),
+        ("--image-prefix", "prefix of the PNG names"),
+        ("--jobs-file", "the POST /jobs bodies the Reproduce section names"),
+    ):
+        standard = REPORT_DEFAULTS[option]
+        p.add_argument(option, default=standard, help=f"{help_text} (default: {standard})")
     p.set_defaults(func=_cmd_report)
     return parser
 

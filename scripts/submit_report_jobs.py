@@ -53,7 +53,8 @@ def main() -> int:
         if all(s in ("succeeded", "failed", "cancelled") for s in states):
             break
         time.sleep(30)
-    print(f"cnn report --jobs {','.join(ids)} --out docs")
+    jobs_file = "" if Path(args.jobs) == HERE / "report_jobs.json" else f" --jobs-file {args.jobs}"
+    print(f"cnn report --jobs {','.join(ids)} --out docs{jobs_file}")
     return 0
 
 
