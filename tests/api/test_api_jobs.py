@@ -6,6 +6,7 @@ worker that would move them there is not part of these tests.
 
 from __future__ import annotations
 
+import inspect
 import io
 import threading
 import time
@@ -17,9 +18,13 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select, text
 
+from app.auth import AUTH_OFF
+from app.errors import JobTooLarge
 from app.jobs.queue import TRAIN_TASK
+from app.jobs.service import create_job, submit_job
 from app.ml.nets import CLASS_NAMES, NETS
 from app.models import Evaluation, Job
+from app.schemas import JobCreate
 
 SEED_DEFAULTS = {
     "epochs": 20,
@@ -178,6 +183,34 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
     assert response.status_code == 202, response.text
     assert response.json()["id"] == str(winner.id)
     assert job_count(session_factory) == 1
+
+
+def test_submit_job_creates_sends_and_marks_in_one_call(
+    clean_db, settings, session_factory, training_queue
+):
+    """The service owns the whole submission; a replay sends nothing again."""
+    body = JobCreate(net="net1", epochs=2)
+    with session_factory() as session:
+        job, created = submit_job(session, body, "once", principal=AUTH_OFF, settings=settings)
+        assert created and job.enqueued_at is not None and job.owner_id is None
+        again, created = submit_job(session, body, "once", principal=AUTH_OFF, settings=settings)
+        assert not created and again.id == job.id
+    assert training_queue.messages() == [(TRAIN_TASK, [str(job.id)])]
+
+
+def test_create_job_cannot_skip_its_checks(clean_db, settings, session_factory):
+    """principal and settings are required: no caller can skip the size, quota and
+    ownership checks by leaving them out, and AUTH=off (AUTH_OFF) still gets the size bound."""
+    for function in (create_job, submit_job):
+        parameters = inspect.signature(function).parameters
+        assert parameters["principal"].default is inspect.Parameter.empty
+        assert parameters["settings"].default is inspect.Parameter.empty
+    small = settings.model_copy(update={"JOB_MAX_EPOCHS": 1})
+    with session_factory() as session, pytest.raises(JobTooLarge):
+        create_job(
+            session, JobCreate(net="net1", epochs=2), None, principal=AUTH_OFF, settings=small
+        )
+    assert job_count(session_factory) == 0
 
 
 BAD_BODIES = [
