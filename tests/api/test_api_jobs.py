@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from app.auth import AUTH_OFF
 from app.errors import JobTooLarge
@@ -141,7 +140,7 @@ def test_idempotency_key_reused_with_other_parameters_is_409(client, session_fac
     assert job_count(session_factory) == 1
 
 
-def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
+def test_concurrent_posts_with_one_key_create_one_job(client, session_factory, race_a_held_row):
     """The second INSERT waits on the first's uncommitted row, fails, and re-reads it."""
     key = "racing-key"
     holder = session_factory()
@@ -151,35 +150,11 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
     )  # fmt: skip
     holder.add(winner)
     holder.flush()  # the row exists, uncommitted: a concurrent INSERT must wait for it
-    result = {}
 
-    def post() -> None:
-        result["response"] = client.post(
-            "/jobs", json={"net": "net1"}, headers={"Idempotency-Key": key}
-        )
+    def post() -> Any:
+        return client.post("/jobs", json={"net": "net1"}, headers={"Idempotency-Key": key})
 
-    thread = threading.Thread(target=post)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        waiting = 0
-        while waiting == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            # pg_stat_activity is read once per transaction and then cached: drop the cache,
-            # or a first look taken before the API connected is all this loop ever sees.
-            holder.execute(text("SELECT pg_stat_clear_snapshot()"))
-            waiting = holder.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-            ).scalar_one()
-        assert waiting == 1, "the API's INSERT never blocked on the unique key"
-        holder.commit()
-    finally:
-        holder.close()
-        thread.join(timeout=10)
-    response = result["response"]
+    response = race_a_held_row(holder, post, "the API's INSERT")
     assert response.status_code == 202, response.text
     assert response.json()["id"] == str(winner.id)
     assert job_count(session_factory) == 1

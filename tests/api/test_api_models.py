@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from app.auth import AUTH_OFF, Principal
 from app.errors import Forbidden, ModelNotFound
@@ -175,7 +173,9 @@ def test_a_refused_move_tells_nobody(register_model, session_factory):
     assert heard == []
 
 
-def test_two_creations_of_one_alias_end_as_one_row(register_model, session_factory):
+def test_two_creations_of_one_alias_end_as_one_row(
+    register_model, session_factory, race_a_held_row
+):
     """The second INSERT of a new alias waits on the first's row, fails, and becomes a move."""
     register_model("mu", b"m1")
     register_model("mu", b"m2")
@@ -183,33 +183,14 @@ def test_two_creations_of_one_alias_end_as_one_row(register_model, session_facto
     holder.add(ModelAlias(name="mu", alias="production", version=1))
     holder.flush()  # the row exists, uncommitted: a concurrent INSERT must wait for it
     heard: list[str] = []
-    result = {}
 
-    def move() -> None:
+    def move() -> int:
         with session_factory() as session:
             row = move_alias(session, AUTH_OFF, "mu", "production", 2, on_moved=heard.append)
-            result["version"] = row.version
+            return row.version
 
-    thread = threading.Thread(target=move)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        waiting = 0
-        while waiting == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            holder.execute(text("SELECT pg_stat_clear_snapshot()"))
-            waiting = holder.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-            ).scalar_one()
-        assert waiting == 1, "the second INSERT never blocked on the alias's key"
-        holder.commit()
-    finally:
-        holder.close()
-        thread.join(timeout=10)
-    assert result == {"version": 2} and heard == ["mu"]
+    assert race_a_held_row(holder, move, "the second INSERT of the alias") == 2
+    assert heard == ["mu"]
     with session_factory() as session:
         rows = session.scalars(select(ModelAlias).where(ModelAlias.name == "mu")).all()
         assert [(row.alias, row.version) for row in rows] == [("production", 2)]

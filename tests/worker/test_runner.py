@@ -56,19 +56,27 @@ def _database_down() -> OperationalError:
     return OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
 
 
-def test_retry_with_backoff_doubles_the_delay_up_to_its_cap():
-    settings = Settings(_env_file=None, INFRA_RETRY_S=3600, INFRA_BACKOFF_MAX_S=3)
-    call, calls = _flaky([_database_down() for _ in range(4)])
-    slept, told = [], []
-    result = retry_with_backoff(
+def _retry(call, *, within_s=3600.0, before_retry=lambda exc, delay: None, sleep=None):
+    """retry_with_backoff on database faults, from 1 s up to 3 s, without sleeping."""
+    settings = Settings(_env_file=None, INFRA_RETRY_S=within_s, INFRA_BACKOFF_MAX_S=3)
+    return retry_with_backoff(
         call,
         retryable=is_database_fault,
         first_delay_s=1.0,
         settings=settings,
-        before_retry=lambda exc, delay: told.append((type(exc).__name__, delay)),
-        sleep=slept.append,
+        before_retry=before_retry,
+        sleep=sleep or (lambda delay: None),
     )
-    assert result == "done"
+
+
+def test_retry_with_backoff_doubles_the_delay_up_to_its_cap():
+    call, calls = _flaky([_database_down() for _ in range(4)])
+    slept, told = [], []
+
+    def before_retry(exc: Exception, delay: float) -> None:
+        told.append((type(exc).__name__, delay))
+
+    assert _retry(call, before_retry=before_retry, sleep=slept.append) == "done"
     assert len(calls) == 5
     assert slept == [1.0, 2.0, 3.0, 3.0]
     assert told == [("OperationalError", delay) for delay in slept]
@@ -77,26 +85,12 @@ def test_retry_with_backoff_doubles_the_delay_up_to_its_cap():
 def test_retry_with_backoff_lets_other_faults_and_a_spent_deadline_through():
     call, calls = _flaky([ValueError("the job's own fault")])
     with pytest.raises(ValueError):
-        retry_with_backoff(
-            call,
-            retryable=is_database_fault,
-            first_delay_s=1.0,
-            settings=Settings(_env_file=None, INFRA_RETRY_S=3600),
-            before_retry=lambda exc, delay: None,
-            sleep=lambda delay: None,
-        )
+        _retry(call)
     assert len(calls) == 1
     # No retry would start before the deadline: the fault itself propagates.
     call, calls = _flaky([_database_down()])
     with pytest.raises(OperationalError):
-        retry_with_backoff(
-            call,
-            retryable=is_database_fault,
-            first_delay_s=1.0,
-            settings=Settings(_env_file=None, INFRA_RETRY_S=0.5),
-            before_retry=lambda exc, delay: None,
-            sleep=lambda delay: None,
-        )
+        _retry(call, within_s=0.5)
     assert len(calls) == 1
 
 
@@ -109,13 +103,6 @@ def test_retry_with_backoff_gives_up_when_before_retry_raises():
 
     call, calls = _flaky([_database_down(), _database_down()])
     with pytest.raises(Lost) as raised:
-        retry_with_backoff(
-            call,
-            retryable=is_database_fault,
-            first_delay_s=1.0,
-            settings=Settings(_env_file=None, INFRA_RETRY_S=3600),
-            before_retry=give_up,
-            sleep=lambda delay: None,
-        )
+        _retry(call, before_retry=give_up)
     assert isinstance(raised.value.__cause__, OperationalError)
     assert len(calls) == 1
