@@ -7,8 +7,9 @@ says what was wrong and what was expected, never echoing the request payload bac
 `install_error_handlers` renders every failure as {"error": {"code", "message"}}.
 
 FastAPI is imported only inside `install_error_handlers`, so `app.ml` and the worker can
-import the exceptions without pulling in the web stack. docs/architecture.md lists every
-code with its status and when it is sent.
+import the exceptions without pulling in the web stack, and nothing of the app is imported
+at all, so any module can import this one (app.states defines InvalidTransition on top of
+DomainError). docs/architecture.md lists every code with its status and when it is sent.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-
-    from app.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,7 @@ STATUS: dict[str, int] = {
     "idempotency_key_reused": 409,
     "job_too_large": 422,
     "quota_exceeded": 429,
+    # app.states.InvalidTransition (beside the state machine it enforces)
     "job_terminal": 409,
     "invalid_transition": 409,
     # compare and report (issue 11)
@@ -75,8 +75,6 @@ STATUS: dict[str, int] = {
     "overloaded": 503,
     "internal_error": 500,
 }
-
-log = logging.getLogger(__name__)
 
 
 class DomainError(Exception):
@@ -171,26 +169,12 @@ class IdempotencyConflict(DomainError, code="idempotency_key_reused"):
     """An Idempotency-Key was reused with different parameters."""
 
 
-class InvalidTransition(DomainError):
-    """A status change the state machine (app.states.ALLOWED) does not allow.
+class JobTooLarge(DomainError, code="job_too_large"):
+    """Past JOB_MAX_EPOCHS, JOB_MAX_BATCH_SIZE or JOB_MAX_IMAGE_EPOCHS."""
 
-    `job_terminal` when the job already finished (nothing can change it any more),
-    `invalid_transition` for any other refused change.
-    """
 
-    def __init__(self, current: JobStatus, target: JobStatus) -> None:
-        from app.states import is_terminal
-
-        self.current = current
-        self.target = target
-        if is_terminal(current):
-            super().__init__(
-                f"the job is already {current} and can no longer change", code="job_terminal"
-            )
-        else:
-            super().__init__(
-                f"job is '{current}', it cannot become '{target}'", code="invalid_transition"
-            )
+class QuotaExceeded(DomainError, code="quota_exceeded"):
+    """The key has MAX_ACTIVE_JOBS_PER_KEY queued-or-running jobs."""
 
 
 # ----------------------------------------------------------------------------- models
@@ -248,14 +232,6 @@ class KeyNameTaken(DomainError, code="key_name_taken"):
 
 class KeyInUse(DomainError, code="key_in_use"):
     """An admin key asked to revoke itself over the API."""
-
-
-class JobTooLarge(DomainError, code="job_too_large"):
-    """Past JOB_MAX_EPOCHS, JOB_MAX_BATCH_SIZE or JOB_MAX_IMAGE_EPOCHS."""
-
-
-class QuotaExceeded(DomainError, code="quota_exceeded"):
-    """The key has MAX_ACTIVE_JOBS_PER_KEY queued-or-running jobs."""
 
 
 class RateLimited(DomainError, code="rate_limited"):

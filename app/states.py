@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from app.errors import InvalidTransition as InvalidTransition
+from app.errors import DomainError
 
 
 class JobStatus(StrEnum):
@@ -38,6 +38,26 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 
 def is_terminal(status: JobStatus | str) -> bool:
     return JobStatus(status) in TERMINAL
+
+
+class InvalidTransition(DomainError):
+    """A status change the state machine (ALLOWED) does not allow.
+
+    `job_terminal` when the job already finished (nothing can change it any more),
+    `invalid_transition` for any other refused change (both in app.errors.STATUS).
+    """
+
+    def __init__(self, current: JobStatus, target: JobStatus) -> None:
+        self.current = current
+        self.target = target
+        if is_terminal(current):
+            super().__init__(
+                f"the job is already {current} and can no longer change", code="job_terminal"
+            )
+        else:
+            super().__init__(
+                f"job is '{current}', it cannot become '{target}'", code="invalid_transition"
+            )
 
 
 def check_transition(current: JobStatus | str, target: JobStatus | str) -> None:

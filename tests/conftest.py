@@ -40,6 +40,8 @@ import base64
 import hashlib
 import json
 import os
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -352,6 +354,41 @@ def training_queue(settings: Any) -> Iterator[TrainingQueue]:
     yield queue
     queue.clear()
     queue.close()
+
+
+def _race_a_held_row(holder: Session, action: Callable[[], Any], what: str) -> Any:
+    """Run `action` in a thread while `holder` keeps a flushed row uncommitted; once exactly
+    one session waits on that row's lock (it is `action`'s: `what` names it in a failure),
+    commit `holder`, and return what `action` returned."""
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(value=action()))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        waiting = 0
+        while waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            # pg_stat_activity is read once per transaction and then cached: drop the cache,
+            # or a first look taken before the other session connected is all this loop sees.
+            holder.execute(text("SELECT pg_stat_clear_snapshot()"))
+            waiting = holder.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one()
+        assert waiting == 1, f"{what} never blocked on the row held open"
+        holder.commit()
+    finally:
+        holder.close()
+        thread.join(timeout=10)
+    return result["value"]
+
+
+@pytest.fixture
+def race_a_held_row() -> Callable[..., Any]:
+    """race_a_held_row(holder, action, "what action does"): see _race_a_held_row."""
+    return _race_a_held_row
 
 
 @pytest.fixture

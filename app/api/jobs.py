@@ -12,7 +12,6 @@ from app import auth
 from app.api.deps import JobReader, JsonBody, SessionDep, SettingsDep, TrainAccess, TrainPrincipal
 from app.auth import Principal
 from app.errors import HistoryNotFound
-from app.jobs import queue
 from app.jobs import service as job_service
 from app.ml.analysis import analyse
 from app.schemas import (
@@ -72,15 +71,13 @@ def submit_job(
     principal: TrainPrincipal,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
-    job, created = job_service.create_job(
+    job, created = job_service.submit_job(
         session, body, idempotency_key, principal=principal, settings=settings
     )
-    if created and queue.enqueue_training(settings, job.id):
-        job_service.mark_enqueued(session, job.id)
-    elif not created:
+    if not created:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{job.id}"
-    return JobPublic.model_validate(job_service.get_job(session, job.id))
+    return JobPublic.model_validate(job)
 
 
 @router.get("", response_model=JobList)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from app import auth
 from app.api.deps import (
     JsonBody,
     ReadAccess,
@@ -19,9 +16,10 @@ from app.api.deps import (
     TrainAccess,
     TrainPrincipal,
 )
-from app.errors import ArtifactMissing, ModelNotFound
+from app.errors import ArtifactMissing
 from app.models import ModelVersion
-from app.registry import versions as registry
+from app.registry import service as registry
+from app.registry import versions
 from app.registry.store import LocalArtifactStore
 from app.schemas import (
     ALIAS_PATTERN,
@@ -48,30 +46,28 @@ def _public(row: ModelVersion, aliases: dict[str, int]) -> ModelVersionPublic:
     return public
 
 
-def _versions_or_404(session: Session, name: str) -> list[ModelVersion]:
-    versions = registry.list_versions(session, name)
-    if not versions:
-        raise ModelNotFound(f"no registered model named {name!r}")
-    return versions
+async def alias_listener(request: Request) -> registry.AliasListener:
+    """Who hears that an alias moved: this process's /predict cache of resolved names,
+    which then serves the new target from the next request on."""
+    listener: registry.AliasListener = request.app.state.prediction.registry.invalidate
+    return listener
 
 
-def _version_or_404(session: Session, name: str, version: int) -> ModelVersion:
-    _versions_or_404(session, name)
-    return registry.get_version(session, name, version)
+AliasMoved = Annotated[registry.AliasListener, Depends(alias_listener)]
 
 
 @router.get("", response_model=ModelList, dependencies=[ReadAccess])
 def list_models(session: SessionDep) -> ModelList:
     """Every registered name with its latest version and its aliases."""
     models = []
-    for name in registry.list_names(session):
-        versions = registry.list_versions(session, name)
-        aliases = registry.list_aliases(session, name)
+    for name in versions.list_names(session):
+        rows = versions.list_versions(session, name)
+        aliases = versions.list_aliases(session, name)
         models.append(
             ModelSummary(
                 name=name,
-                latest_version=_public(versions[-1], aliases),
-                versions=len(versions),
+                latest_version=_public(rows[-1], aliases),
+                versions=len(rows),
                 aliases=aliases,
             )
         )
@@ -85,13 +81,13 @@ def list_models(session: SessionDep) -> ModelList:
     responses={404: {"description": "No such registered name (`model_not_found`)."}},
 )
 def get_model(name: Name, session: SessionDep) -> RegisteredModelPublic:
-    versions = _versions_or_404(session, name)
-    aliases = registry.list_aliases(session, name)
+    rows = registry.existing_versions(session, name)
+    aliases = versions.list_aliases(session, name)
     return RegisteredModelPublic(
         name=name,
-        latest_version=versions[-1].version,
+        latest_version=rows[-1].version,
         aliases=aliases,
-        versions=[_public(row, aliases) for row in versions],
+        versions=[_public(row, aliases) for row in rows],
     )
 
 
@@ -106,24 +102,13 @@ def set_alias(
     alias: Alias,
     body: AliasUpdate,
     session: SessionDep,
-    request: Request,
     principal: TrainPrincipal,
+    on_moved: AliasMoved,
 ) -> AliasPublic:
     """Point `name@alias` at a version; moving an alias is one UPDATE, never a gap.
 
     Only the name's owner (the key that first submitted a job under it) or an admin."""
-    auth.check_model_owner(session, principal, name)
-    _version_or_404(session, name, body.version)
-    try:
-        row = registry.set_alias(session, name, alias, body.version)
-        session.commit()
-    except IntegrityError:
-        # Another request created the same alias first; ours becomes a plain move.
-        session.rollback()
-        row = registry.set_alias(session, name, alias, body.version)
-        session.commit()
-    # This process's /predict serves the new target from the next request on.
-    request.app.state.prediction.registry.invalidate(name)
+    row = registry.move_alias(session, principal, name, alias, body.version, on_moved=on_moved)
     return AliasPublic.model_validate(row)
 
 
@@ -139,7 +124,7 @@ def set_alias(
 def download_artifact(
     name: Name, version: Version, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
-    row = _version_or_404(session, name, version)
+    row = registry.existing_version(session, name, version)
     path = LocalArtifactStore.from_settings(settings).local_path(row.artifact_path)
     if not path.is_file():
         raise ArtifactMissing(f"the artifact file of {name} version {version} is missing")

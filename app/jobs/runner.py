@@ -27,6 +27,7 @@ from app.config import Settings
 from app.db import session_factory
 from app.errors import public_message
 from app.jobs import execution
+from app.jobs.execution import StopReason
 from app.models import Job
 from app.registry.store import LocalArtifactStore
 
@@ -99,18 +100,18 @@ class _Control:
         self._shutdown = shutdown
         self._heartbeat = heartbeat
         self._next_poll = 0.0
-        self.reason: str | None = None  # "cancel" | "lost" | "shutdown"
+        self.reason: StopReason | None = None
 
     def lose(self) -> None:
-        self.reason = self.reason or "lost"
+        self.reason = self.reason or StopReason.LOST
 
     def should_stop(self, force: bool = False) -> bool:
         if self.reason is not None:
             return True
         if self._heartbeat.lost.is_set():
-            self.reason = "lost"
+            self.reason = StopReason.LOST
         elif self._shutdown is not None and self._shutdown.is_set():
-            self.reason = "shutdown"
+            self.reason = StopReason.SHUTDOWN
         elif force or time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + CONTROL_POLL_S
             try:
@@ -202,20 +203,21 @@ class _Runner:
     ) -> R:
         """One app.jobs.execution step for this job in a session of its own, retried with
         back-off while the database is unreachable."""
-        deadline = time.monotonic() + self.settings.INFRA_RETRY_S
-        delay = 0.5
-        while True:
-            try:
-                with self.sessions() as session:
-                    return fn(session, self.job.id, *args, **kwargs)
-            except DB_ERRORS as exc:
-                if not is_database_fault(exc) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning(
-                    "job %s: database error, retrying in %.1f s: %s", self.job.id, delay, exc
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, self.settings.INFRA_BACKOFF_MAX_S)
+
+        def step() -> R:
+            with self.sessions() as session:
+                return fn(session, self.job.id, *args, **kwargs)
+
+        def before_retry(exc: Exception, delay: float) -> None:
+            log.warning("job %s: database error, retrying in %.1f s: %s", self.job.id, delay, exc)
+
+        return retry_with_backoff(
+            step,
+            retryable=is_database_fault,
+            first_delay_s=0.5,
+            settings=self.settings,
+            before_retry=before_retry,
+        )
 
     def run(self) -> Outcome:
         try:
@@ -258,22 +260,23 @@ class _Runner:
         The job stays this worker's (heartbeat on); job.error tells the operator what is
         wrong meanwhile. Past the deadline the fault propagates and the job is handed back.
         """
-        deadline = time.monotonic() + self.settings.INFRA_RETRY_S
-        delay = 1.0
-        while True:
-            try:
-                return fn()
-            except Exception as exc:
-                if not is_infrastructure_fault(exc) or time.monotonic() + delay > deadline:
-                    raise
-                message = infrastructure_message(exc, self.settings)
-                log.warning(
-                    "job %s: %s failed, retrying in %.0f s: %s", self.job.id, what, delay, message
-                )
-                if not self._db(execution.note_problem, self.token, f"retrying {what}: {message}"):
-                    raise _Interrupted("lost") from exc
-                self.control.sleep(delay)
-                delay = min(delay * 2, self.settings.INFRA_BACKOFF_MAX_S)
+
+        def before_retry(exc: Exception, delay: float) -> None:
+            message = infrastructure_message(exc, self.settings)
+            log.warning(
+                "job %s: %s failed, retrying in %.0f s: %s", self.job.id, what, delay, message
+            )
+            if not self._db(execution.note_problem, self.token, f"retrying {what}: {message}"):
+                raise _Interrupted(StopReason.LOST) from exc
+
+        return retry_with_backoff(
+            fn,
+            retryable=is_infrastructure_fault,
+            first_delay_s=1.0,
+            settings=self.settings,
+            before_retry=before_retry,
+            sleep=self.control.sleep,
+        )
 
     def _train_and_finish(self) -> Outcome:
         from app.ml.data import load_cifar10
@@ -396,12 +399,12 @@ class _Runner:
 
     def _stopped(self) -> Outcome:
         reason = self.control.reason
-        if reason == "cancel":
+        if reason is StopReason.CANCEL:
             if self._db(execution.finish_cancelled, token=self.token):
                 self._clean_up()
                 return Outcome.CANCELLED
             return Outcome.LOST
-        if reason == "shutdown":
+        if reason is StopReason.SHUTDOWN:
             # Not a crash: the attempt is given back; the checkpoint lets the next claim resume.
             result = self._db(execution.hand_back, token=self.token, settings=self.settings)
             if result == execution.HandBack.REQUEUED:
@@ -413,6 +416,35 @@ class _Runner:
         """A terminal job never resumes: its checkpoint and staged file are dead weight."""
         self.store.discard_checkpoints(self.job.id)
         self.store.discard_staging(self.job.id)
+
+
+# ----------------------------------------------------------------------------- retries
+def retry_with_backoff(
+    fn: Callable[[], R],
+    *,
+    retryable: Callable[[Exception], bool],
+    first_delay_s: float,
+    settings: Settings,
+    before_retry: Callable[[Exception, float], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> R:
+    """fn(), retried while it raises what `retryable` accepts, for up to INFRA_RETRY_S.
+
+    The delay doubles from `first_delay_s` up to INFRA_BACKOFF_MAX_S; no retry starts past
+    the deadline, and any other exception, or the last fault, propagates. `before_retry`
+    (exception, delay) logs, and may raise to give up; `sleep` waits out the delay.
+    """
+    deadline = time.monotonic() + settings.INFRA_RETRY_S
+    delay = first_delay_s
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not retryable(exc) or time.monotonic() + delay > deadline:
+                raise
+            before_retry(exc, delay)
+            sleep(delay)
+            delay = min(delay * 2, settings.INFRA_BACKOFF_MAX_S)
 
 
 # ----------------------------------------------------------------------------- fault classes

@@ -1,8 +1,10 @@
-"""Jobs as the API sees them: create (idempotently), read, list, cancel, and their epochs.
+"""Jobs as the API sees them: submit (idempotently), read, list, cancel, and their epochs.
 
-Status changes go through app.states.check_transition, and every change that races a
-worker is one conditional UPDATE, so a job the worker just claimed or finished is never
-overwritten with a stale status.
+A route calls one function here, which owns the transaction and its side effects: submit_job
+commits the job, then hands it to the broker and records that it did. Status changes go
+through app.states.check_transition, and every change that races a worker is one
+conditional UPDATE, so a job the worker just claimed or finished is never overwritten with
+a stale status.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from app.auth import Principal
 from app.config import Settings
 from app.db import rowcount
 from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound, JobTooLarge
+from app.jobs import queue
 from app.ml.params import LEVER_FIELDS
 from app.models import EpochMetric, Evaluation, Job
 from app.quotas import check_job_quota
@@ -96,34 +99,56 @@ def _check_same_request(job: Job, data: JobCreate, principal: Principal | None) 
         )
 
 
+def submit_job(
+    session: Session,
+    data: JobCreate,
+    idempotency_key: str | None,
+    *,
+    principal: Principal,
+    settings: Settings,
+) -> tuple[Job, bool]:
+    """Accept a job (POST /jobs): create it, send it to the broker, record the send.
+
+    Returns the job as it now stands and whether this call created it. The job is a
+    committed row before it is a message, so a broker that is down loses nothing: the job
+    stays queued with enqueued_at null and the sweep sends it. A replayed Idempotency-Key
+    (created=False) sends nothing again.
+    """
+    job, created = create_job(
+        session, data, idempotency_key, principal=principal, settings=settings
+    )
+    if created and queue.enqueue_training(settings, job.id):
+        mark_enqueued(session, job.id)
+    return get_job(session, job.id), created
+
+
 def create_job(
     session: Session,
     data: JobCreate,
-    idempotency_key: str | None = None,
+    idempotency_key: str | None,
     *,
-    principal: Principal | None = None,
-    settings: Settings | None = None,
+    principal: Principal,
+    settings: Settings,
 ) -> tuple[Job, bool]:
     """Insert a queued job owned by `principal` and commit; returns (job, created).
 
     With an idempotency key that is already stored, the stored job comes back instead
     (created=False). Two concurrent requests with the same new key both reach the INSERT;
     the unique constraint lets one win and the other re-reads the winner's row.
-    With settings, the job size bounds and the key's job quota apply (JobTooLarge,
-    QuotaExceeded); with a principal, the model name must be free or its own (Forbidden).
+    A new job must fit the size bounds (JobTooLarge) and the key's job quota
+    (QuotaExceeded), and its model name must be free or the principal's (Forbidden).
+    With AUTH=off the principal is app.auth.AUTH_OFF: an admin without a key, which owns
+    every name and has no quota.
     """
     if idempotency_key is not None:
         existing = _by_key(session, idempotency_key)
         if existing is not None:
             _check_same_request(existing, data, principal)
             return existing, False
-    if settings is not None:
-        check_job_size(data, settings)
-    if principal is not None:
-        auth.claim_model_name(session, principal, data.model_name or data.net)
-        if settings is not None:
-            # Locks the key's row until the job is committed (see check_job_quota).
-            check_job_quota(session, principal, settings.MAX_ACTIVE_JOBS_PER_KEY)
+    check_job_size(data, settings)
+    auth.claim_model_name(session, principal, data.model_name or data.net)
+    # Locks the key's row until the job is committed (see check_job_quota).
+    check_job_quota(session, principal, settings.MAX_ACTIVE_JOBS_PER_KEY)
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
@@ -132,7 +157,7 @@ def create_job(
         cancel_requested=False,
         created_at=_now(),
         idempotency_key=idempotency_key,
-        owner_id=principal.id if principal is not None else None,
+        owner_id=principal.id,
         **data.parameters(),
     )
     session.add(job)

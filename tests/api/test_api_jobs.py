@@ -6,8 +6,8 @@ worker that would move them there is not part of these tests.
 
 from __future__ import annotations
 
+import inspect
 import io
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -15,11 +15,15 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
+from app.auth import AUTH_OFF
+from app.errors import JobTooLarge
 from app.jobs.queue import TRAIN_TASK
+from app.jobs.service import create_job, submit_job
 from app.ml.nets import CLASS_NAMES, NETS
 from app.models import Evaluation, Job
+from app.schemas import JobCreate
 
 SEED_DEFAULTS = {
     "epochs": 20,
@@ -136,7 +140,7 @@ def test_idempotency_key_reused_with_other_parameters_is_409(client, session_fac
     assert job_count(session_factory) == 1
 
 
-def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
+def test_concurrent_posts_with_one_key_create_one_job(client, session_factory, race_a_held_row):
     """The second INSERT waits on the first's uncommitted row, fails, and re-reads it."""
     key = "racing-key"
     holder = session_factory()
@@ -146,38 +150,42 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory):
     )  # fmt: skip
     holder.add(winner)
     holder.flush()  # the row exists, uncommitted: a concurrent INSERT must wait for it
-    result = {}
 
-    def post() -> None:
-        result["response"] = client.post(
-            "/jobs", json={"net": "net1"}, headers={"Idempotency-Key": key}
-        )
+    def post() -> Any:
+        return client.post("/jobs", json={"net": "net1"}, headers={"Idempotency-Key": key})
 
-    thread = threading.Thread(target=post)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        waiting = 0
-        while waiting == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            # pg_stat_activity is read once per transaction and then cached: drop the cache,
-            # or a first look taken before the API connected is all this loop ever sees.
-            holder.execute(text("SELECT pg_stat_clear_snapshot()"))
-            waiting = holder.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-            ).scalar_one()
-        assert waiting == 1, "the API's INSERT never blocked on the unique key"
-        holder.commit()
-    finally:
-        holder.close()
-        thread.join(timeout=10)
-    response = result["response"]
+    response = race_a_held_row(holder, post, "the API's INSERT")
     assert response.status_code == 202, response.text
     assert response.json()["id"] == str(winner.id)
     assert job_count(session_factory) == 1
+
+
+def test_submit_job_creates_sends_and_marks_in_one_call(
+    clean_db, settings, session_factory, training_queue
+):
+    """The service owns the whole submission; a replay sends nothing again."""
+    body = JobCreate(net="net1", epochs=2)
+    with session_factory() as session:
+        job, created = submit_job(session, body, "once", principal=AUTH_OFF, settings=settings)
+        assert created and job.enqueued_at is not None and job.owner_id is None
+        again, created = submit_job(session, body, "once", principal=AUTH_OFF, settings=settings)
+        assert not created and again.id == job.id
+    assert training_queue.messages() == [(TRAIN_TASK, [str(job.id)])]
+
+
+def test_create_job_cannot_skip_its_checks(clean_db, settings, session_factory):
+    """principal and settings are required: no caller can skip the size, quota and
+    ownership checks by leaving them out, and AUTH=off (AUTH_OFF) still gets the size bound."""
+    for function in (create_job, submit_job):
+        parameters = inspect.signature(function).parameters
+        assert parameters["principal"].default is inspect.Parameter.empty
+        assert parameters["settings"].default is inspect.Parameter.empty
+    small = settings.model_copy(update={"JOB_MAX_EPOCHS": 1})
+    with session_factory() as session, pytest.raises(JobTooLarge):
+        create_job(
+            session, JobCreate(net="net1", epochs=2), None, principal=AUTH_OFF, settings=small
+        )
+    assert job_count(session_factory) == 0
 
 
 BAD_BODIES = [

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from app.auth import AUTH_OFF, Principal
+from app.errors import Forbidden, ModelNotFound
 from app.models import ModelAlias
+from app.registry.service import move_alias
 
 
 def test_no_models_yet(client):
@@ -137,3 +140,57 @@ def test_artifact_of_missing_version_or_file_is_404(client, register_model, expe
     Path(row.artifact_path).unlink()
     expect_error(client.get("/models/iota/versions/1/artifact"), 404, "artifact_missing")
     expect_error(client.get("/models/iota/versions/0/artifact"), 422, "validation_error")
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def test_move_alias_tells_the_listener_after_the_commit(register_model, session_factory):
+    register_model("kappa", b"k1")
+    heard = []
+
+    def listener(name: str) -> None:
+        with session_factory() as other:  # committed: another session already sees it
+            heard.append((name, other.get(ModelAlias, (name, "production")).version))
+
+    with session_factory() as session:
+        row = move_alias(session, AUTH_OFF, "kappa", "production", 1, on_moved=listener)
+    assert (row.name, row.alias, row.version) == ("kappa", "production", 1)
+    assert heard == [("kappa", 1)]
+
+
+def test_a_refused_move_tells_nobody(register_model, session_factory):
+    register_model("lambda", b"l1")
+    heard: list[str] = []
+    stranger = Principal(id=None, name="stranger", scopes=frozenset({"train"}))
+    with session_factory() as session:
+        with pytest.raises(ModelNotFound):
+            move_alias(session, AUTH_OFF, "lambda", "production", 2, on_moved=heard.append)
+        with pytest.raises(ModelNotFound):
+            move_alias(session, AUTH_OFF, "nobody", "production", 1, on_moved=heard.append)
+        with pytest.raises(Forbidden):  # a name nobody claimed: administrators only
+            move_alias(session, stranger, "lambda", "production", 1, on_moved=heard.append)
+    assert heard == []
+
+
+def test_two_creations_of_one_alias_end_as_one_row(
+    register_model, session_factory, race_a_held_row
+):
+    """The second INSERT of a new alias waits on the first's row, fails, and becomes a move."""
+    register_model("mu", b"m1")
+    register_model("mu", b"m2")
+    holder = session_factory()
+    holder.add(ModelAlias(name="mu", alias="production", version=1))
+    holder.flush()  # the row exists, uncommitted: a concurrent INSERT must wait for it
+    heard: list[str] = []
+
+    def move() -> int:
+        with session_factory() as session:
+            row = move_alias(session, AUTH_OFF, "mu", "production", 2, on_moved=heard.append)
+            return row.version
+
+    assert race_a_held_row(holder, move, "the second INSERT of the alias") == 2
+    assert heard == ["mu"]
+    with session_factory() as session:
+        rows = session.scalars(select(ModelAlias).where(ModelAlias.name == "mu")).all()
+        assert [(row.alias, row.version) for row in rows] == [("production", 2)]

@@ -15,6 +15,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.files import file_digest
 from app.jobs import execution
+from app.jobs.execution import StopReason
+from app.jobs.execution.common import limit_stalled_write
 from app.jobs.runner import infrastructure_message, is_database_fault, is_infrastructure_fault
 from app.jobs.service import cancel_job
 from app.models import Job, ModelVersion
@@ -89,7 +91,7 @@ def test_the_claim_counter_never_repeats_after_a_hand_back(make_job, session_fac
     assert (row.attempts, row.claims) == (1, 2)
     with session_factory() as session:  # the first claimant's token is dead for good
         assert not execution.heartbeat(session, job.id, first.token)
-        assert execution.control(session, job.id, first.token) == "lost"
+        assert execution.control(session, job.id, first.token) is StopReason.LOST
         assert not execution.record_epoch(
             session,
             job.id,
@@ -146,7 +148,7 @@ def test_a_cancel_accepted_before_the_success_commit_wins(make_job, session_fact
             precision="float32",
         )
         assert version is None
-        assert execution.control(session, job.id, claim.token) == "cancel"
+        assert execution.control(session, job.id, claim.token) is StopReason.CANCEL
         assert execution.finish_cancelled(session, job.id, token=claim.token)
     row = _job(session_factory, job.id)
     assert (row.status, row.model_version_id) == ("cancelled", None)
@@ -243,7 +245,7 @@ def test_a_worker_frozen_inside_its_write_lets_go_of_the_job_row(make_job, sessi
     ends that session after STALLED_WRITE_LIMIT_S and the sweep's or the API's write goes on."""
     job = make_job("running", claims=1)
     frozen = session_factory()
-    execution._limit_stalled_write(frozen)
+    limit_stalled_write(frozen)
     frozen.execute(text("UPDATE jobs SET heartbeat_at = now() WHERE id = :id"), {"id": job.id})
     # `frozen` now holds the row lock and sends nothing more, as a stopped process would.
     with session_factory() as other:

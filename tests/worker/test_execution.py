@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from app.files import file_digest
 from app.jobs import execution
-from app.jobs.execution import ClaimOutcome
+from app.jobs.execution import ClaimOutcome, StopReason
 from app.jobs.service import cancel_job
 from app.jobs.sweeper import send_training
 from app.models import EpochMetric, Evaluation, Job, ModelVersion
@@ -195,7 +195,7 @@ def test_a_superseded_claimant_writes_nothing(make_job, session_factory, setting
     with session_factory() as session:
         assert not execution.record_epoch(session, job.id, _record(1), token=old_attempt)
         assert not execution.heartbeat(session, job.id, old_attempt)
-        assert execution.control(session, job.id, old_attempt) == "lost"
+        assert execution.control(session, job.id, old_attempt) is StopReason.LOST
         assert not execution.finish_failed(session, job.id, "zombie", token=old_attempt)
         assert execution.control(session, job.id, takeover.token) is None
     assert _epochs(session_factory, job.id) == []
@@ -209,7 +209,7 @@ def test_control_reports_a_cancel_request(make_job, session_factory, settings):
         assert execution.control(session, job.id, claim.token) is None
         cancel_job(session, job.id)
         assert _job(session_factory, job.id).cancel_requested
-        assert execution.control(session, job.id, claim.token) == "cancel"
+        assert execution.control(session, job.id, claim.token) is StopReason.CANCEL
         assert execution.finish_cancelled(session, job.id, token=claim.token)
     assert _job(session_factory, job.id).status == "cancelled"
 
