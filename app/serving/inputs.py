@@ -240,8 +240,8 @@ def instances_to_batch(instances: Any, max_instances: int) -> np.ndarray:
 
 
 class PixelBudget:
-    """How many source pixels one request may still decode to resize (PREDICT_RESIZE_MAX_PIXELS;
-    resizing costs per pixel).
+    """How many source pixels one request may still decode to resize: PREDICT_RESIZE_MAX_PIXELS
+    for all its images together, and so for any one of them (resizing costs per pixel).
 
     A request of many large images with resize=true would otherwise cost seconds of CPU
     before anything else happens; each image takes its width x height from this budget
