@@ -42,7 +42,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _pixels(n: int = 2) -> np.ndarray:
+def pixels(n: int = 2) -> np.ndarray:
     return RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
 
 
@@ -289,7 +289,7 @@ def test_the_fast_path_reads_only_the_top_level_member():
 
 
 def test_instances_become_float32_in_unit_range():
-    x = _pixels(3)
+    x = pixels(3)
     batch = instances_to_batch(x.tolist(), 8)
     assert batch.dtype == np.float32 and batch.shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(batch, x.astype(np.float32) / np.float32(255))
@@ -333,14 +333,14 @@ def test_bad_instances_say_what_was_expected(value, code, words):
 
 
 def test_ragged_instances_name_the_culprit():
-    x = _pixels(3).tolist()
+    x = pixels(3).tolist()
     x[1][5].pop()  # row 5 of image 1 now has 31 pixels
     with pytest.raises(InputError) as info:
         instances_to_batch(x, 8)
     assert info.value.code == "bad_shape"
     assert "instance 1" in info.value.message and "unequal length" in info.value.message
 
-    y = _pixels(3).tolist()
+    y = pixels(3).tolist()
     y[2] = np.zeros((16, 16, 3), dtype=int).tolist()  # well formed, wrong size
     with pytest.raises(InputError) as info:
         instances_to_batch(y, 8)
@@ -348,7 +348,7 @@ def test_ragged_instances_name_the_culprit():
 
 
 def test_too_many_instances():
-    x = _pixels(3).tolist()
+    x = pixels(3).tolist()
     assert instances_to_batch(x, max_instances=3).shape[0] == 3
     with pytest.raises(InputError) as info:
         instances_to_batch(x, max_instances=2)
@@ -379,7 +379,7 @@ def test_parse_json_of_a_valid_body():
 
 
 def test_png_decodes_losslessly():
-    x = _pixels(1)[0]
+    x = pixels(1)[0]
     np.testing.assert_array_equal(decode_image(encode(x)), x)
 
 
@@ -391,7 +391,7 @@ def test_jpeg_decodes_to_rgb_32x32():
 
 
 def test_grayscale_and_rgba_are_converted_to_rgb():
-    x = _pixels(1)[0]
+    x = pixels(1)[0]
     gray = decode_image(encode(x, mode="L"))
     assert gray.shape == (32, 32, 3)
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
@@ -414,7 +414,7 @@ def test_wrong_size_is_refused_unless_resize_is_asked_for():
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"definitely not an image", encode(_pixels(1)[0])[:60], encode(_pixels(1)[0], "GIF")],
+    [b"", b"definitely not an image", encode(pixels(1)[0])[:60], encode(pixels(1)[0], "GIF")],
     ids=["empty", "text", "truncated_png", "gif"],
 )
 def test_undecodable_images(data):
@@ -427,7 +427,7 @@ def test_undecodable_images(data):
 def test_standard_base64_decodes_and_url_safe_is_refused():
     # Find an image whose base64 uses '+' and '/', the characters URL-safe base64 replaces.
     for _ in range(50):
-        x = _pixels(1)[0]
+        x = pixels(1)[0]
         raw = encode(x)
         std = base64.b64encode(raw).decode()
         if "+" in std and "/" in std:
