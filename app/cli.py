@@ -124,7 +124,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return cmd_predict_remote(args)
     if len(args.files) != 2:
         raise ValueError("local prediction takes MODEL.keras IMAGE (or use --remote IMAGE)")
-    from app.ml.inference import Predictor, decode_image, predict_probabilities
+    from app.ml.inference import Predictor, predict_probabilities
+    from app.serving.inputs import decode_image
 
     model_path, image_path = args.files
     image = decode_image(Path(image_path).read_bytes(), resize=args.resize)

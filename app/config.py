@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     PREDICT_MAX_PENDING: int = Field(default=1024, ge=1)
     # Of those, how many are worked on at once (the rest wait without costing the event loop).
     PREDICT_CONCURRENCY: int = Field(default=16, ge=1, le=4096)
-    # Source pixels one request may ask to resize, all its images together.
+    # Source pixels one request may ask to resize, all its images together (so any one image
+    # too); `cnn predict` takes the same bound for its image.
     PREDICT_RESIZE_MAX_PIXELS: int = Field(default=4096 * 4096, ge=1024)
     # How often an API process checks whether another process changed the registry.
     REGISTRY_POLL_S: float = Field(default=1.0, gt=0, le=60)
@@ -107,6 +108,7 @@ class Settings(BaseSettings):
     # Request bodies, enforced while they are read (413 past them).
     MAX_JSON_BODY_BYTES: int = Field(default=64 * 1024, ge=1024, le=2**30)
     PREDICT_MAX_BODY_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024, le=2**30)
+    # The file of POST /predict/image (its body may hold MULTIPART_OVERHEAD more for the form).
     UPLOAD_MAX_FILE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=2**30)
 
     # Quotas: queued-or-running jobs per key, and /predict requests per second per key

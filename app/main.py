@@ -28,6 +28,7 @@ from app.api import (
 )
 from app.api.deps import ReadAccess
 from app.api.limits import install_limits
+from app.api.transport import PREDICT_PATH
 from app.auth import PrincipalCache
 from app.config import Settings, get_settings
 from app.db import session_factory
@@ -114,7 +115,7 @@ def _document_security(app: FastAPI, settings: Settings) -> None:
                 extra = dict(_GUARD_RESPONSES) if operation.get("security") else {}
                 if "requestBody" in operation:
                     extra["413"] = "The body is over its limit (`too_large`)."
-                if path.startswith("/predict"):
+                if path.startswith(PREDICT_PATH):
                     extra["429"] = "Too many requests for this key (`rate_limited`, Retry-After)."
                 for status, text in extra.items():
                     responses.setdefault(status, {"description": text})

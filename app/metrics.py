@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.transport import OCTET_STREAM, PREDICT_IMAGE_PATH, PREDICT_PATH, media_type
 from app.models import EpochMetric, Job
 from app.states import JobStatus
 
@@ -107,12 +108,11 @@ class PredictMetrics:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path") if scope["type"] == "http" else None
-        if path not in ("/predict", "/predict/image"):
+        if path not in (PREDICT_PATH, PREDICT_IMAGE_PATH):
             await self.app(scope, receive, send)
             return
-        media = Headers(scope=scope).get("content-type", "").split(";", 1)[0].strip().lower()
-        form = "raw" if media == "application/octet-stream" else "instances"
-        note = _PredictNote(input="multipart" if path == "/predict/image" else form)
+        form = "raw" if media_type(Headers(scope=scope)) == OCTET_STREAM else "instances"
+        note = _PredictNote(input="multipart" if path == PREDICT_IMAGE_PATH else form)
         token = _note.set(note)  # the routes' threads see the same object through the context
         start = time.perf_counter()
         status = 500

@@ -29,12 +29,13 @@ import pydantic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.ml.inference import (  # noqa: E402
-    Predictor,
-    instances_to_batch,
-    parse_json,
-    tune_gc_for_serving,
-)
+from app.config import Settings  # noqa: E402
+from app.ml.inference import Predictor  # noqa: E402
+from app.serving.inputs import instances_to_batch, parse_json  # noqa: E402
+from app.serving.service import tune_gc_for_serving  # noqa: E402
+
+# The route's default bound on images per request.
+MAX_INSTANCES = Settings.model_fields["PREDICT_MAX_INSTANCES"].default
 
 
 def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
@@ -49,7 +50,7 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
 
 
 def parse_like_the_route(body: bytes) -> np.ndarray:
-    return instances_to_batch(parse_json(body)["instances"])
+    return instances_to_batch(parse_json(body)["instances"], MAX_INSTANCES)
 
 
 def tuned_ms(body: bytes, repeat: int) -> float:
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     array_json = orjson.dumps(instances)
     adapter = pydantic.TypeAdapter(list[list[list[list[float]]]])
     expected = pixels.astype(np.float32) / 255
-    np.testing.assert_array_equal(instances_to_batch(parse_json(body)["instances"]), expected)
+    np.testing.assert_array_equal(
+        instances_to_batch(parse_json(body)["instances"], MAX_INSTANCES), expected
+    )
     print(f"\n64-image body: {len(body):,} bytes, {pixels.size:,} numbers")
     report(
         "Body parse, 64 images",

@@ -14,9 +14,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.api.transport import is_json, media_type, unsupported
 from app.auth import AUTH_OFF, Principal, PrincipalCache, anonymous, authenticate
 from app.config import Settings
-from app.errors import Forbidden, Unauthorized, UnsupportedMediaType
+from app.errors import Forbidden, Unauthorized
 from app.quotas import RateLimiter
 
 
@@ -32,19 +33,15 @@ def get_session(request: Request) -> Iterator[Session]:
 
 def require_json(request: Request) -> None:
     """Answer 415 for a body that is not declared as JSON, instead of a confusing 422."""
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
+    media = media_type(request.headers)
     has_body = request.headers.get("content-length", "0") != "0" or bool(
         request.headers.get("transfer-encoding")
     )
     if not media and not has_body:
         return  # no body at all: validation reports the missing fields
-    if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        raise UnsupportedMediaType(
-            f"the request body must be JSON sent with Content-Type: application/json "
-            f"(got {media[:100] or 'no content type'})"
+    if not is_json(media):
+        raise unsupported(
+            "the request body must be JSON sent with Content-Type: application/json", media
         )
 
 
@@ -89,13 +86,13 @@ def require_scope(*scopes: str) -> Callable[..., Principal]:
     """Dependency: the caller's Principal if it holds one of `scopes` (admin holds all).
 
     401 without a (valid) key, 403 with a key that lacks the scope. A state-changing
-    request (not GET/HEAD/OPTIONS, not /predict) also needs the bearer header even with
-    AUTH=off or anonymous access: a browser cannot add it to a cross-site request.
+    request (not GET/HEAD/OPTIONS) also needs the bearer header even with AUTH=off or
+    anonymous access: a browser cannot add it to a cross-site request. (/predict, which
+    changes nothing, has its own check: authorise_predict.)
     """
 
     def dependency(request: Request, principal: PrincipalDep) -> Principal:
-        state_changing = request.method not in SAFE_METHODS and "predict" not in scopes
-        if state_changing and not _has_bearer_header(request):
+        if request.method not in SAFE_METHODS and not _has_bearer_header(request):
             raise Unauthorized(
                 "this request changes state and needs the header 'Authorization: Bearer <API key>'"
             )
@@ -121,7 +118,6 @@ def _holding(principal: Principal, scopes: tuple[str, ...]) -> Principal:
 require_read = require_scope("read")
 require_train = require_scope("train")
 require_admin = require_scope("admin")
-require_predict = require_scope("predict")
 # Jobs: `read` sees every job, a `train` key its own.
 require_job_reader = require_scope("read", "train")
 ReadPrincipal = Annotated[Principal, Depends(require_read)]
@@ -139,12 +135,29 @@ def principal_cache(request: Request) -> PrincipalCache:
     return cache
 
 
-async def predict_principal(request: Request, credentials: BearerDep) -> Principal:
-    """get_principal for /predict: a cached key needs no query and no thread hop."""
+async def authorise_predict(request: Request, credentials: BearerDep) -> Principal:
+    """The one check of a /predict caller: its key, the predict scope, then a token from the
+    key's bucket (429 + Retry-After). The routes declare it, and PredictFastPath runs the
+    route's dependencies, so both entries call this function.
+
+    Async, with the key's principal from PrincipalCache: the sync dependency chain cost four
+    thread hand-offs and a database query per request, a quarter of the API's time at 32
+    clients.
+    """
     settings: Settings = request.app.state.settings
     if settings.AUTH == "off" or credentials is None:
-        return _keyless_principal(request, settings)
-    key = credentials.credentials
+        principal = _keyless_principal(request, settings)
+    else:
+        principal = await _cached_principal(request, credentials.credentials)
+    _holding(principal, ("predict",))
+    limiter: RateLimiter = request.app.state.predict_limiter
+    client = request.client.host if request.client else "unknown"
+    limiter.check(f"key:{principal.id}" if principal.id is not None else f"anon:{client}")
+    return principal
+
+
+async def _cached_principal(request: Request, key: str) -> Principal:
+    """get_principal without a query (or a thread hop) for a key seen in the last AUTH_CACHE_S."""
     cache = principal_cache(request)
     principal = cache.get(key)
     if principal is None:
@@ -167,20 +180,4 @@ def _authenticate_fresh(request: Request, key: str) -> Principal:
         return authenticate(session, key)
 
 
-async def rate_limited_predict(
-    request: Request, principal: Annotated[Principal, Depends(predict_principal)]
-) -> Principal:
-    """The /predict caller, after taking a token from its bucket (429 + Retry-After).
-
-    Async and cached (see PrincipalCache): the sync dependency chain cost four thread
-    hand-offs and a database query per request, a quarter of the API's time at 32 clients.
-    """
-    _holding(principal, ("predict",))
-    limiter: RateLimiter = request.app.state.predict_limiter
-    client = request.client.host if request.client else "unknown"
-    limiter.check(f"key:{principal.id}" if principal.id is not None else f"anon:{client}")
-    return principal
-
-
-PredictPrincipal = Annotated[Principal, Depends(rate_limited_predict)]
-PredictAccess = Depends(rate_limited_predict)
+PredictAccess = Depends(authorise_predict)

@@ -19,6 +19,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.transport import PREDICT_IMAGE_PATH, PREDICT_PATH
 from app.config import Settings
 from app.errors import error_body, status_of
 
@@ -87,9 +88,9 @@ class BodyLimit:
 
     def limit_for(self, path: str) -> tuple[int, str]:
         path = path.rstrip("/")
-        if path == "/predict":
+        if path == PREDICT_PATH:
             return self.predict, "PREDICT_MAX_BODY_BYTES"
-        if path == "/predict/image":
+        if path == PREDICT_IMAGE_PATH:
             return self.upload, "UPLOAD_MAX_FILE_BYTES"
         return self.json, "MAX_JSON_BODY_BYTES"
 

@@ -12,10 +12,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import PredictAccess, bearer_scheme, predict_principal, rate_limited_predict
-from app.errors import InputError, PayloadTooLarge, UnsupportedMediaType, error_response
+from app.api.deps import PredictAccess, get_app_settings
+from app.api.fast_path import RouteFastPath
+from app.api.transport import (
+    JSON,
+    MULTIPART,
+    OCTET_STREAM,
+    PREDICT_IMAGE_PATH,
+    PREDICT_PATH,
+    is_json,
+    media_type,
+    unsupported,
+)
+from app.errors import InputError, PayloadTooLarge
 from app.schemas import (
     ALIAS_PATTERN,
     INT32_MAX,
@@ -28,10 +38,6 @@ from app.serving.service import PredictionService
 
 router = APIRouter(tags=["predict"])
 log = logging.getLogger(__name__)
-
-# An upload larger than this is refused before decoding (a 32x32 PNG is a few KB).
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-OCTET = "application/octet-stream"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     200: {"model": PredictResponse},
@@ -53,23 +59,19 @@ def _service(request: Request) -> PredictionService:
 
 
 def _json(data: bytes) -> Response:
-    return Response(data, media_type="application/json")
-
-
-def _media(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return Response(data, media_type=JSON)
 
 
 @router.post(
-    "/predict",
+    PREDICT_PATH,
     dependencies=[PredictAccess],
     responses=_ERRORS,
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": PredictBody.model_json_schema()},
-                OCTET: {
+                JSON: {"schema": PredictBody.model_json_schema()},
+                OCTET_STREAM: {
                     "schema": {"type": "string", "format": "binary"},
                     "description": "Raw uint8 pixels of an (N, 32, 32, 3) array, row-major; "
                     "the shape in the `shape` query parameter or the X-Tensor-Shape header, "
@@ -116,41 +118,25 @@ def _media(request: Request) -> str:
 async def predict(request: Request) -> Response:
     """Without version or alias the latest version serves."""
     service = _service(request)
-    media = _media(request)
-    if media == OCTET:
+    media = media_type(request.headers)
+    if media == OCTET_STREAM:
         return _json(await _predict_raw(request, service))
-    if media != "application/json" and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        raise UnsupportedMediaType(
+    if not is_json(media):
+        raise unsupported(
             "the request body must be JSON sent with Content-Type: application/json, or "
-            f"raw uint8 pixels sent as {OCTET} (got {media[:100] or 'no content type'})"
+            f"raw uint8 pixels sent as {OCTET_STREAM}",
+            media,
         )
     return _json(await service.predict_json(await request.body()))
 
 
-class PredictFastPath:
-    """POST /predict from the ASGI scope straight to `predict`, past the router and FastAPI's
-    per-request dependency solving: for one-image requests those were a third of the event
-    loop's time (docs/performance.md). The same key check, rate limit, handler and error
-    rendering as the route, which stays for OpenAPI and every other method and path."""
+class PredictFastPath(RouteFastPath):
+    """POST /predict from the ASGI scope straight to `predict`, running the route's own
+    dependencies (authorise_predict) without FastAPI's per-request solving; see
+    app/api/fast_path.py and docs/performance.md."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        response: Response
-        try:
-            credentials = await bearer_scheme(request)
-            await rate_limited_predict(request, await predict_principal(request, credentials))
-            response = await predict(request)
-        except Exception as exc:
-            response = error_response(request, exc)
-        await response(scope, receive, send)
+    method = "POST"
+    path = PREDICT_PATH
 
 
 async def _predict_raw(request: Request, service: PredictionService) -> bytes:
@@ -170,16 +156,17 @@ async def _predict_raw(request: Request, service: PredictionService) -> bytes:
 
 
 def require_multipart(request: Request) -> None:
-    media = _media(request)
-    if media != "multipart/form-data":
-        raise UnsupportedMediaType(
-            "POST /predict/image takes a multipart/form-data upload with a 'file' field "
-            f"(got {media[:100] or 'no content type'}); send JSON to POST /predict"
+    media = media_type(request.headers)
+    if media != MULTIPART:
+        raise unsupported(
+            f"POST {PREDICT_IMAGE_PATH} takes a {MULTIPART} upload with a 'file' field",
+            media,
+            f"; send JSON to POST {PREDICT_PATH}",
         )
 
 
 @router.post(
-    "/predict/image",
+    PREDICT_IMAGE_PATH,
     dependencies=[PredictAccess, Depends(require_multipart)],
     responses=_ERRORS,
     summary="Class probabilities for one uploaded PNG or JPEG",
@@ -202,9 +189,10 @@ async def predict_image(
         "top_k": top_k,
         "output": output,
     }
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
+    limit = get_app_settings(request).UPLOAD_MAX_FILE_BYTES
+    data = await file.read(limit + 1)
+    if len(data) > limit:
         raise PayloadTooLarge(
-            f"the upload is larger than {MAX_UPLOAD_BYTES} bytes; send a 32x32 image"
+            f"the upload is larger than {limit:,} bytes (UPLOAD_MAX_FILE_BYTES); send a 32x32 image"
         )
     return _json(await _service(request).predict_upload(data, fields))

@@ -1,50 +1,55 @@
 """Prediction input: every accepted form -> validated options and one float32 batch.
 
-The one owner of /predict's input rules. The routers hand over the transport (the body's
-bytes, its media type, the query parameters); this module parses, checks and decodes, and
-raises only `InputError` (a stable code plus a message that says what was expected and what
-came, never the payload). Forms:
+The one owner of the input rules of /predict and of `cnn predict`: parsing, decoding and the
+pixel budget. The routers hand over the transport (the body's bytes, the query parameters,
+an uploaded file); this module parses, checks and decodes, and raises only `InputError` (a
+stable code plus a message that says what was expected and what came, never the payload).
+Forms:
 
 - JSON `instances`: (N, 32, 32, 3) nested lists of pixel values 0-255 (TF Serving rows);
 - JSON `images`: [{"b64": standard base64 of a PNG or JPEG}];
 - JSON `tensor`: {"b64": base64 of the raw uint8 bytes, "shape": [N, 32, 32, 3], "dtype": "uint8"};
 - `application/octet-stream`: the raw uint8 bytes, the shape in the `shape` query parameter or
   the `X-Tensor-Shape` header (N alone may be left out: `shape=32,32,3` or no shape at all
-  means as many images as the length holds).
+  means as many images as the length holds);
+- a PNG or JPEG file (POST /predict/image, and `cnn predict` through `decode_image`).
 
 Work is split in two steps so that the caller can resolve the model in between: `parse_*`
 checks the options and the structure (cheap, bounded by the body size; `instances` and raw
 tensors come out as the batch right away), `decode_images` decodes PNG/JPEG pixels, the
-expensive step, only once the model is known to exist. Every form ends as the same float32
-array (pixels / 255), so the same pixels give the same probabilities to the last bit
-whichever form carried them.
+expensive step, only once the model is known to exist, within the request's budget of source
+pixels (PREDICT_RESIZE_MAX_PIXELS). Every form ends as the same float32 array (pixels / 255,
+the training data's own `normalise`), so the same pixels give the same probabilities to the
+last bit whichever form carried them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import ValidationError
 
+from app.config import get_settings
+from app.errors import InputError
+
+# normalise is the training data's own scaling, so served inputs match what the net saw.
 from app.ml.data import normalise
-from app.ml.inference import (
-    InputError,
-    PixelBudget,
-    decode_b64,
-    decode_image,
-    instances_to_batch,
-    parse_json,
-)
 from app.ml.nets import INPUT_SHAPE
 from app.schemas import PredictOptions
 
 IMAGE_BYTES = math.prod(INPUT_SHAPE)
+IMAGE_FORMATS = ("PNG", "JPEG")
 _FORMS = ("instances", "images", "tensor")
+_IMAGE_TEXT = "x".join(str(d) for d in INPUT_SHAPE)  # 32x32x3
+_BATCH_TEXT = "(N, " + ", ".join(str(d) for d in INPUT_SHAPE) + ")"
 _SHAPE_TEXT = "[N, " + ", ".join(str(d) for d in INPUT_SHAPE) + "]"
 _EXACTLY_ONE = (
     "give exactly one of 'instances' (nested lists of pixel values), 'images' "
@@ -98,6 +103,23 @@ def _check_count(n: int, what: str, max_instances: int) -> None:
         )
 
 
+def parse_json(body: bytes) -> Any:
+    """Parse a request body with orjson (several times faster than json/pydantic for pixel
+    arrays). JSON has no NaN/Infinity, so those get their own code instead of a syntax error."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        pos = getattr(exc, "pos", None)
+        near = body[pos : pos + 9].lstrip(b"-+") if isinstance(pos, int) else b""
+        if "infinity" in str(exc) or near.startswith((b"NaN", b"Inf", b"nan", b"inf")):
+            raise InputError(
+                "not_finite",
+                "pixel values must be finite numbers between 0 and 255; the body holds NaN, "
+                f"Infinity or a number too large for a double (at character {pos})",
+            ) from None
+        raise InputError("bad_json", f"the request body is not valid JSON: {exc}") from None
+
+
 def parse_json_body(body: bytes, max_instances: int) -> PredictInput:
     """A JSON /predict body -> options plus the batch (instances, tensor) or images to decode."""
     fast = _fast_instances(body, max_instances)
@@ -143,6 +165,179 @@ def _image_list(images: Any, max_instances: int) -> list[str]:
             )
         out.append(item["b64"])
     return out
+
+
+# ------------------------------------------------------------------------- instances
+
+
+def _describe_ragged(instances: Sequence[Any] | np.ndarray) -> str:
+    """Name the first instance that breaks the (N, 32, 32, 3) grid (only on the error path)."""
+    for i, inst in enumerate(instances):
+        try:
+            shape = np.asarray(inst).shape
+        except ValueError:
+            return (
+                f"instance {i} has nested lists of unequal length; each instance must be "
+                f"{INPUT_SHAPE[0]} rows of {INPUT_SHAPE[1]} pixels of {INPUT_SHAPE[2]} values"
+            )
+        if shape != INPUT_SHAPE:
+            return f"instance {i} has shape {shape}, expected {INPUT_SHAPE}"
+    return f"the instances do not form one {_BATCH_TEXT} array"
+
+
+def instances_to_batch(instances: Any, max_instances: int) -> np.ndarray:
+    """Validate a list of 32x32x3 images of pixel values 0-255 (nested lists or arrays) and
+    return them as a float32 (N, 32, 32, 3) batch in [0, 1].
+
+    A single image is rejected rather than guessed at: the body format is a list of images.
+    """
+    if not isinstance(instances, (list, tuple, np.ndarray)):
+        raise InputError(
+            "bad_shape",
+            f"'instances' must be a list of {_IMAGE_TEXT} images (nested lists of pixel "
+            f"values 0-255); got a {type(instances).__name__}",
+        )
+    _check_count(len(instances), "instances", max_instances)
+    try:
+        # No dtype: numpy infers int64/float64 for numbers and str/object for anything else,
+        # which lets strings and nulls be refused instead of silently converted.
+        arr = np.asarray(instances)
+    except (ValueError, TypeError):
+        raise InputError("bad_shape", _describe_ragged(instances)) from None
+    if arr.dtype.kind not in "iuf":
+        raise InputError(
+            "bad_value",
+            "pixel values must be numbers between 0 and 255; found strings, nulls, booleans "
+            "or numbers too large to represent",
+        )
+    if arr.shape[1:] != INPUT_SHAPE:
+        if arr.shape == INPUT_SHAPE:
+            raise InputError(
+                "bad_shape",
+                f"'instances' must be a list of images, shape {_BATCH_TEXT}; "
+                f"got one image of shape {INPUT_SHAPE}: wrap it in a list",
+            )
+        raise InputError(
+            "bad_shape",
+            f"expected instances of shape {_BATCH_TEXT} "
+            f"({_IMAGE_TEXT} pixels, RGB); got shape {arr.shape}",
+        )
+    # min/max are one pass each; NaN propagates into them, so they also detect non-finite input.
+    lo, hi = arr.min(), arr.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(
+            "not_finite", "pixel values must be finite numbers between 0 and 255; found NaN or inf"
+        )
+    if lo < 0 or hi > 255:
+        raise InputError(
+            "bad_range",
+            f"pixel values must be between 0 and 255; got values from {lo:g} to {hi:g}",
+        )
+    return normalise(arr)
+
+
+# ------------------------------------------------------------------------- images
+
+
+class PixelBudget:
+    """How many source pixels one request may still decode to resize: PREDICT_RESIZE_MAX_PIXELS
+    for all its images together, and so for any one of them (resizing costs per pixel).
+
+    A request of many large images with resize=true would otherwise cost seconds of CPU
+    before anything else happens; each image takes its width x height from this budget
+    before its pixels are decoded, and the request is refused (422 image_size) once it
+    runs out.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.total = pixels
+        self.left = pixels
+
+    def take(self, width: int, height: int) -> None:
+        if width * height > self.total:
+            raise InputError(
+                "image_size",
+                f"the image is {width}x{height}, too large to resize (at most {self.total} pixels)",
+            )
+        if width * height > self.left:
+            raise InputError(
+                "image_size",
+                f"the images of this request add up to more than {self.total} pixels to "
+                f"resize (this one is {width}x{height}); send smaller images or fewer per request",
+            )
+        self.left -= width * height
+
+
+# Pillow refuses to open an image that declares far more pixels than any sane photo.
+_BOMB = "the image declares more pixels than can be decoded safely; expected a 32x32 image"
+
+
+def decode_image(
+    data: bytes, resize: bool = False, budget: PixelBudget | None = None
+) -> np.ndarray:
+    """Decode a PNG or JPEG into uint8 RGB pixels of shape (32, 32, 3).
+
+    Grayscale and palette images are converted to RGB; an alpha channel is dropped (not
+    composited). An image of another size is refused with `image_size` unless `resize` is
+    set; then its pixels come out of `budget` (the request's; without one, as for `cnn
+    predict`, a budget of this process's PREDICT_RESIZE_MAX_PIXELS) and it is resized to
+    32x32 with Pillow's antialiased bilinear filter. Only the header is read before the size
+    checks, so a small file that declares huge dimensions (a decompression bomb) is refused
+    with `image_size` before any pixel is decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise InputError("bad_image", "the image is empty; expected a PNG or JPEG file")
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise InputError("image_size", _BOMB) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InputError(
+            "bad_image", "could not decode the image; expected a PNG or JPEG"
+        ) from None
+    height, width = INPUT_SHAPE[:2]
+    if img.size != (width, height):
+        if not resize:
+            raise InputError(
+                "image_size",
+                f"the image is {img.size[0]}x{img.size[1]}, expected {width}x{height}; "
+                "send a 32x32 image or ask for resize=true",
+            )
+        if budget is None:
+            budget = PixelBudget(get_settings().PREDICT_RESIZE_MAX_PIXELS)
+        budget.take(*img.size)
+    try:
+        img.load()
+        rgb = img.convert("RGB")
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError:
+        raise InputError("image_size", _BOMB) from None
+    except (OSError, ValueError, SyntaxError):
+        raise InputError(
+            "bad_image",
+            "could not decode the image: it is truncated or corrupt; "
+            "expected a complete PNG or JPEG",
+        ) from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_b64(s: Any, resize: bool = False, budget: PixelBudget | None = None) -> np.ndarray:
+    """Decode a STANDARD base64 (RFC 4648 section 4, with padding) PNG/JPEG, as TF Serving's
+    {"b64": ...}. URL-safe base64 ('-', '_') is refused, not guessed at."""
+    if not isinstance(s, str):
+        raise InputError("bad_base64", f"'b64' must be a string; got {type(s).__name__}")
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        hint = " (it looks URL-safe: '-' or '_' found)" if ("-" in s or "_" in s) else ""
+        raise InputError(
+            "bad_base64",
+            "'b64' is not valid standard base64 (alphabet A-Z a-z 0-9 + /, '=' padding)" + hint,
+        ) from None
+    return decode_image(data, resize=resize, budget=budget)
 
 
 def decode_images(images: list[str], resize: bool, max_resize_pixels: int) -> np.ndarray:
@@ -231,27 +426,33 @@ def _instances_span_counted(body: bytes, j: int) -> tuple[int, int] | None:
     return j, j + int(closed[0]) + 1
 
 
+def _images_in(text: bytes, max_instances: int) -> int | None:
+    """N if the array's brackets and commas are exactly those of (N, 32, 32, 3), else None."""
+    skeleton = text.translate(None, _NOT_SKELETON)
+    n = (len(skeleton) - 1) // (len(_ONE) + 1)
+    if n < 1 or n > max_instances or skeleton != _skeleton(n):
+        return None
+    return n
+
+
 def _fast_instances(body: bytes, max_instances: int) -> tuple[dict[str, Any], np.ndarray] | None:
     """(the other members, the uint8 batch) for integer pixel instances; None: use the
     general path."""
     span = _instances_span(body)
     if span is None:
         return None
-    start, end = span
-    text = body[start:end]
-    skeleton = text.translate(None, _NOT_SKELETON)
-    n = (len(skeleton) - 1) // (len(_ONE) + 1)
-    if n < 1 or n > max_instances or skeleton != _skeleton(n):
+    n = _images_in(body[span[0] : span[1]], max_instances)
+    if n is None:
         # The first "]]]]" was not the end (brackets apart, or not this shape): count.
-        counted = _instances_span_counted(body, start)
+        counted = _instances_span_counted(body, span[0])
         if counted is None or counted == span:
             return None
-        start, end = counted
-        text = body[start:end]
-        skeleton = text.translate(None, _NOT_SKELETON)
-        n = (len(skeleton) - 1) // (len(_ONE) + 1)
-        if n < 1 or n > max_instances or skeleton != _skeleton(n):
+        span = counted
+        n = _images_in(body[span[0] : span[1]], max_instances)
+        if n is None:
             return None
+    start, end = span
+    text = body[start:end]
     a = np.frombuffer(text, dtype=np.uint8)
     digit = a - np.uint8(ord("0"))  # wraps around for everything below '0'
     is_digit = digit < 10

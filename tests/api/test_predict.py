@@ -405,6 +405,33 @@ def test_bad_uploads(client, register_model, tiny_models, expect_error):
     )
 
 
+def test_an_upload_over_the_file_limit_is_refused_by_the_route(
+    settings, client_for, register_model, tiny_models, expect_error
+):
+    """UPLOAD_MAX_FILE_BYTES bounds the file itself: a file just over it still fits the
+    body limit (which leaves room for the form fields), and the route refuses it."""
+    register_model("tiny", tiny_models[0][0])
+    limit = 4096
+    with client_for(settings.model_copy(update={"UPLOAD_MAX_FILE_BYTES": limit})) as small:
+        fits = png(image(), "PNG")
+        assert len(fits) <= limit
+        ok = small.post(
+            "/predict/image", data={"model": "tiny"}, files={"file": ("x.png", fits, "image/png")}
+        )
+        assert ok.status_code == 200, ok.text
+        over = fits + b"\0" * (limit + 1 - len(fits))
+        error = expect_error(
+            small.post(
+                "/predict/image",
+                data={"model": "tiny"},
+                files={"file": ("x.png", over, "image/png")},
+            ),
+            413,
+            "too_large",
+        )
+    assert "4,096 bytes (UPLOAD_MAX_FILE_BYTES)" in error["message"]
+
+
 def test_unknown_model_version_or_alias_is_404(client, register_model, tiny_models, expect_error):
     register_model("tiny", tiny_models[0][0])
     x = [PIXELS.tolist()]

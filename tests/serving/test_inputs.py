@@ -1,4 +1,7 @@
-"""app.serving.inputs: every input form gives the same batch; bad input is an InputError."""
+"""app.serving.inputs: every input form gives the same batch; bad input is an InputError.
+
+Also the pieces each form is made of: JSON parsing, `instances`, PNG/JPEG and base64
+decoding, and the per-request pixel budget."""
 
 from __future__ import annotations
 
@@ -14,9 +17,18 @@ import orjson
 import pytest
 from PIL import Image
 
-from app.ml.inference import InputError
+from app.config import Settings
+from app.errors import InputError
+from app.ml.data import normalise
+from app.serving import inputs
 from app.serving.inputs import (
+    PixelBudget,
+    decode_b64,
+    decode_image,
     decode_images,
+    decode_upload,
+    instances_to_batch,
+    parse_json,
     parse_json_body,
     parse_raw_body,
     raw_shape,
@@ -30,12 +42,20 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def png(arr: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
-    buf = io.BytesIO()
+def pixels(n: int = 2) -> np.ndarray:
+    return RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def encode(
+    arr: np.ndarray, fmt: str = "PNG", mode: str | None = None, size: tuple[int, int] | None = None
+) -> bytes:
     img = Image.fromarray(arr)
+    if mode:
+        img = img.convert(mode)
     if size:
         img = img.resize(size)
-    img.save(buf, format="PNG")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -52,7 +72,7 @@ def test_every_form_gives_the_same_float32_batch_to_the_last_bit():
     from_tensor = parse_json_body(body(tensor=tensor(X)), 8).batch
     shape = raw_shape("3,32,32,3", X.nbytes, 8)
     from_raw = parse_raw_body(X.tobytes(), shape, {"model": "m"}).batch
-    parsed = parse_json_body(body(images=[{"b64": b64(png(i))} for i in X]), 8)
+    parsed = parse_json_body(body(images=[{"b64": b64(encode(i))} for i in X]), 8)
     assert parsed.batch is None and parsed.images is not None  # decoded later
     from_png = decode_images(parsed.images, False, 10**6)
     for batch in (from_tensor, from_raw, from_png):
@@ -130,12 +150,43 @@ def test_options_and_forms():
 
 
 def test_resize_has_a_pixel_budget_per_request():
-    big = png(X[0], (200, 100))  # 20,000 pixels each
+    big = encode(X[0], size=(200, 100))  # 20,000 pixels each
     images = [b64(big)] * 3
     assert decode_images(images, True, 60_000).shape == (3, 32, 32, 3)
     with pytest.raises(InputError) as info:
         decode_images(images, True, 50_000)
     assert info.value.code == "image_size" and "images[2]" in info.value.message
+
+
+def test_the_pixel_budget_bounds_each_image_and_the_whole_request():
+    budget = PixelBudget(1_000)
+    with pytest.raises(InputError) as info:
+        budget.take(40, 30)  # 1,200 pixels: more than the whole budget
+    assert info.value.code == "image_size" and "at most 1000 pixels" in info.value.message
+    budget.take(30, 20)
+    budget.take(20, 20)
+    with pytest.raises(InputError) as info:
+        budget.take(20, 10)  # 200 more, 0 left
+    assert info.value.code == "image_size" and "add up to more than 1000" in info.value.message
+
+
+def test_one_setting_bounds_the_resize_of_cnn_predict_too(monkeypatch):
+    """Without a request's budget (`cnn predict` passes none), decode_image takes the
+    process's PREDICT_RESIZE_MAX_PIXELS: the limit exists once, as a setting."""
+    big = encode(X[0], size=(40, 40))  # 1,600 pixels
+    assert decode_image(big, resize=True).shape == (32, 32, 3)  # the default: 16.7 million
+    monkeypatch.setattr(inputs, "get_settings", lambda: Settings(PREDICT_RESIZE_MAX_PIXELS=1024))
+    with pytest.raises(InputError) as info:
+        decode_image(big, resize=True)
+    assert info.value.code == "image_size" and "at most 1024 pixels" in info.value.message
+
+
+def test_an_upload_and_cnn_predict_decode_alike():
+    """POST /predict/image (decode_upload) and `cnn predict` (decode_image, then the
+    Predictor's own scaling of uint8) end in the same float32 batch."""
+    for data, resize in ((encode(X[0]), False), (encode(X[1], "JPEG", size=(50, 40)), True)):
+        upload = decode_upload(data, resize, 10**6)
+        np.testing.assert_array_equal(upload, normalise(decode_image(data, resize)[np.newaxis]))
 
 
 def test_a_decompression_bomb_is_refused_before_decoding():
@@ -163,7 +214,6 @@ def bomb_png(width: int, height: int) -> bytes:
 
 
 def test_integer_instances_take_the_fast_path_and_agree_with_the_general_one():
-    from app.ml.inference import instances_to_batch, parse_json
     from app.serving.inputs import _fast_instances
 
     x = RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
@@ -171,7 +221,7 @@ def test_integer_instances_take_the_fast_path_and_agree_with_the_general_one():
     x[-1, -1, -1] = [99, 100, 255]
     compact = orjson.dumps({"model": "m", "instances": x.tolist(), "top_k": 2})
     spaced = json.dumps({"top_k": 2, "instances": x.tolist(), "model": "m"}, indent=1).encode()
-    general = instances_to_batch(parse_json(compact)["instances"])
+    general = instances_to_batch(parse_json(compact)["instances"], 8)
     for raw in (compact, spaced):
         assert _fast_instances(raw, 8) is not None
         parsed = parse_json_body(raw, 8)
@@ -233,3 +283,170 @@ def test_the_fast_path_reads_only_the_top_level_member():
     with pytest.raises(InputError) as info:
         parse_json_body(duplicate, 8)  # JSON's last member wins, as in the general path
     assert info.value.code == "bad_shape"
+
+
+# ----------------------------------------------------------------------- instances_to_batch
+
+
+def test_instances_become_float32_in_unit_range():
+    x = pixels(3)
+    batch = instances_to_batch(x.tolist(), 8)
+    assert batch.dtype == np.float32 and batch.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(batch, x.astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(instances_to_batch(x, 8), batch)
+    # Float pixel values are fine too, as long as they are in 0-255.
+    assert instances_to_batch((x + 0.5).clip(0, 255).tolist(), 8).max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("value", "code", "words"),
+    [
+        ("not a list", "bad_shape", "list of 32x32x3 images"),
+        ({"a": 1}, "bad_shape", "got a dict"),
+        ([], "empty_batch", "at least one"),
+        (np.zeros((2, 32, 32, 1)).tolist(), "bad_shape", "got shape (2, 32, 32, 1)"),
+        (
+            np.zeros((2, 28, 28, 3)).tolist(),
+            "bad_shape",
+            "expected instances of shape (N, 32, 32, 3)",
+        ),
+        (np.zeros((32, 32, 3)).tolist(), "bad_shape", "wrap it in a list"),
+        (np.zeros((1, 2, 32, 32, 3)).tolist(), "bad_shape", "got shape (1, 2, 32, 32, 3)"),
+        (
+            np.full((1, 32, 32, 3), 300).tolist(),
+            "bad_range",
+            "between 0 and 255; got values from 300",
+        ),
+        (np.full((1, 32, 32, 3), -1).tolist(), "bad_range", "from -1 to -1"),
+        (np.full((1, 32, 32, 3), np.nan), "not_finite", "NaN"),
+        (np.full((1, 32, 32, 3), np.inf).tolist(), "not_finite", "finite"),
+        (np.full((1, 32, 32, 3), "7").tolist(), "bad_value", "numbers between 0 and 255"),
+        ([[[[None] * 3] * 32] * 32], "bad_value", "nulls"),
+    ],
+)
+def test_bad_instances_say_what_was_expected(value, code, words):
+    with pytest.raises(InputError) as info:
+        instances_to_batch(value, 256)  # the default PREDICT_MAX_INSTANCES
+    assert info.value.code == code
+    assert words in info.value.message
+    assert "reshape" not in info.value.message
+
+
+def test_ragged_instances_name_the_culprit():
+    x = pixels(3).tolist()
+    x[1][5].pop()  # row 5 of image 1 now has 31 pixels
+    with pytest.raises(InputError) as info:
+        instances_to_batch(x, 8)
+    assert info.value.code == "bad_shape"
+    assert "instance 1" in info.value.message and "unequal length" in info.value.message
+
+    y = pixels(3).tolist()
+    y[2] = np.zeros((16, 16, 3), dtype=int).tolist()  # well formed, wrong size
+    with pytest.raises(InputError) as info:
+        instances_to_batch(y, 8)
+    assert "instance 2 has shape (16, 16, 3), expected (32, 32, 3)" in info.value.message
+
+
+def test_too_many_instances():
+    x = pixels(3).tolist()
+    assert instances_to_batch(x, max_instances=3).shape[0] == 3
+    with pytest.raises(InputError) as info:
+        instances_to_batch(x, max_instances=2)
+    assert info.value.code == "too_many_instances" and "at most 2" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"x": [NaN]}', "not_finite"),
+        (b'{"x": [1e400]}', "not_finite"),
+        (b'{"x": [-Infinity]}', "not_finite"),
+        (b'{"x": [1,', "bad_json"),
+        (b"", "bad_json"),
+    ],
+)
+def test_parse_json_errors(body, code):
+    with pytest.raises(InputError) as info:
+        parse_json(body)
+    assert info.value.code == code
+
+
+def test_parse_json_of_a_valid_body():
+    assert parse_json(b'{"instances": [[1, 2.5]]}') == {"instances": [[1, 2.5]]}
+
+
+# ----------------------------------------------------------------------- images and base64
+
+
+def test_png_decodes_losslessly():
+    x = pixels(1)[0]
+    np.testing.assert_array_equal(decode_image(encode(x)), x)
+
+
+def test_jpeg_decodes_to_rgb_32x32():
+    x = np.full((32, 32, 3), (200, 40, 90), dtype=np.uint8)
+    out = decode_image(encode(x, "JPEG"))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - x).max() <= 6  # JPEG is lossy, a flat colour nearly exact
+
+
+def test_grayscale_and_rgba_are_converted_to_rgb():
+    x = pixels(1)[0]
+    gray = decode_image(encode(x, mode="L"))
+    assert gray.shape == (32, 32, 3)
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    rgba = decode_image(encode(x, mode="RGBA"))
+    np.testing.assert_array_equal(rgba, x)  # the alpha channel is dropped
+
+
+def test_wrong_size_is_refused_unless_resize_is_asked_for():
+    big = RNG.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    with pytest.raises(InputError) as info:
+        decode_image(encode(big))
+    assert info.value.code == "image_size"
+    assert "48x64, expected 32x32" in info.value.message and "resize" in info.value.message
+    out = decode_image(encode(big), resize=True)
+    assert out.shape == (32, 32, 3)
+    # A flat image stays flat through the antialiasing filter.
+    flat = np.full((100, 100, 3), 77, dtype=np.uint8)
+    assert (decode_image(encode(flat), resize=True) == 77).all()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"definitely not an image", encode(pixels(1)[0])[:60], encode(pixels(1)[0], "GIF")],
+    ids=["empty", "text", "truncated_png", "gif"],
+)
+def test_undecodable_images(data):
+    with pytest.raises(InputError) as info:
+        decode_image(data)
+    assert info.value.code == "bad_image"
+    assert "PNG or JPEG" in info.value.message
+
+
+def test_standard_base64_decodes_and_url_safe_is_refused():
+    # Find an image whose base64 uses '+' and '/', the characters URL-safe base64 replaces.
+    for _ in range(50):
+        x = pixels(1)[0]
+        raw = encode(x)
+        std = base64.b64encode(raw).decode()
+        if "+" in std and "/" in std:
+            break
+    np.testing.assert_array_equal(decode_b64(std), x)
+    with pytest.raises(InputError) as info:
+        decode_b64(base64.urlsafe_b64encode(raw).decode())
+    assert info.value.code == "bad_base64"
+    assert "standard base64" in info.value.message and "URL-safe" in info.value.message
+
+
+@pytest.mark.parametrize("value", ["abc", "ab=c", "a b c d", "@@@@", 123, None])
+def test_invalid_base64(value):
+    with pytest.raises(InputError) as info:
+        decode_b64(value)
+    assert info.value.code == "bad_base64"
+
+
+def test_base64_of_a_non_image():
+    with pytest.raises(InputError) as info:
+        decode_b64(base64.b64encode(b"hello world").decode())
+    assert info.value.code == "bad_image"
