@@ -92,42 +92,19 @@ class Option:
         return f"{self.name} must be {allowed}. Received: {self.name}={value!r}"
 
 
-def option(
-    default: Any,
-    help: str,
-    *,
-    ge: Number | None = None,
-    gt: Number | None = None,
-    le: Number | None = None,
-    lt: Number | None = None,
-    choices: Sequence[str] = (),
-    unit: str = "",
-    rule: str = "",
-    identity: bool = True,
-    lever: bool = False,
-    compared: bool = True,
-    null_means: str = "",
-) -> Any:
+def option(default: Any, help: str, **spec: Any) -> Any:
     """A TrainConfig field that is an option: `epochs: int = option(20, "...", ge=1, le=1000)`.
 
-    `ge`/`gt` and `le`/`lt` bound a number (both ends are required), `choices` a string.
-    `rule` names a cross-field rule (TrainConfig._rules) in the range's words.
+    `spec` takes Option's other fields: a number needs one lower (`ge` or `gt`) and one upper
+    (`le` or `lt`) bound, a string its `choices`; `rule` names a rule between options
+    (TrainConfig._rules) in the words of the allowed range.
     """
-    spec = {
-        "help": help,
-        "ge": ge,
-        "gt": gt,
-        "le": le,
-        "lt": lt,
-        "choices": tuple(choices),
-        "unit": unit,
-        "rule": rule,
-        "identity": identity,
-        "lever": lever,
-        "compared": compared,
-        "null_means": null_means,
-    }
-    return dataclasses.field(default=default, metadata={_METADATA_KEY: spec})
+    return dataclasses.field(default=default, metadata={_METADATA_KEY: {"help": help, **spec}})
+
+
+def lever(default: Any, help: str, **spec: Any) -> Any:
+    """An option that is one of issue 11's levers (off by default, grouped as levers)."""
+    return option(default, help, lever=True, **spec)
 
 
 def options_of(config: type) -> tuple[Option, ...]:
@@ -144,7 +121,7 @@ def _options_of(config: Any) -> tuple[Option, ...]:
         if spec is None:
             continue  # `net`: the subject of the run, not an option
         kind, nullable = _kind(hints[field.name])
-        found = Option(field.name, kind, nullable, field.default, **spec)
+        found = Option(field.name, kind, nullable, field.default, **spec)  # TypeError: unknown
         _check_declaration(found)
         options.append(found)
     return tuple(options)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from app.ml.nets import get_net
-from app.ml.options import Option, option, options_of
+from app.ml.options import Option, lever, option, options_of
 
 Optimizer = Literal["adam", "sgd", "rmsprop", "adamw"]
 Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
@@ -72,64 +72,53 @@ class TrainConfig:
         null_means="the PRECISION setting of the process that trains",
     )
     # The levers (issue 11, docs/course.md); every default leaves the course's nets as defined.
-    augment_crop: int = option(
+    augment_crop: int = lever(
         0,
         "Pad every training image by N zero pixels per side and crop a random 32x32 window "
         "(training only); 0 = off.",
         ge=0,
         le=MAX_AUGMENT_CROP,
         unit="pixels of padding",
-        lever=True,
     )
-    augment_flip: bool = option(
-        False, "Mirror a random half of the training images left-right.", lever=True
-    )
-    cutout: int = option(
+    augment_flip: bool = lever(False, "Mirror a random half of the training images left-right.")
+    cutout: int = lever(
         0,
         "Erase one random NxN square of every training image (clipped at the border); 0 = off.",
         ge=0,
         le=MAX_CUTOUT,
         unit="pixels",
-        lever=True,
     )
-    label_smoothing: float = option(
+    label_smoothing: float = lever(
         0.0,
         "Targets (1 - eps) * onehot + eps / 10; loss and val_loss are then the smoothed loss.",
         ge=0,
         lt=1,
-        lever=True,
     )
-    weight_decay: float = option(
+    weight_decay: float = lever(
         0.0,
         "Decoupled weight decay (w -= lr * wd * w per step); needs optimizer adamw.",
         ge=0,
         le=1.0,
-        lever=True,
     )
-    clipnorm: float | None = option(
-        None, "Clip each gradient to this L2 norm.", gt=0, le=1e6, lever=True
-    )
-    lr_schedule: str = option(
+    clipnorm: float | None = lever(None, "Clip each gradient to this L2 norm.", gt=0, le=1e6)
+    lr_schedule: str = lever(
         "constant",
         "constant, cosine (to 0) or one_cycle (peak learning_rate); see docs/course.md.",
         choices=LR_SCHEDULES,
-        lever=True,
     )
-    warmup_epochs: int = option(
+    warmup_epochs: int = lever(
         0,
         "Linear warm-up epochs (one_cycle: epochs to the peak, default 30%).",
         ge=0,
         le=MAX_EPOCHS,
         rule="below epochs",
-        lever=True,
     )
-    early_stopping_patience: int | None = option(
+    early_stopping_patience: int | None = lever(
         None,
         "Stop after N epochs without a lower val_loss and keep the best epoch's weights; "
         "needs validation_split > 0.",
         ge=1,
         le=1000,
-        lever=True,
     )
 
     def __post_init__(self) -> None:
