@@ -61,7 +61,9 @@ class Option:
             text = "one of " + ", ".join(self.choices)
         else:
             text = "an integer" if self.type is int else "a number"
-            if self.gt is not None:
+            if self.gt is not None and self.lt is not None:
+                text += f" greater than {_number(self.gt)} and below {_number(self.lt)}"
+            elif self.gt is not None:
                 text += f" greater than {_number(self.gt)} and at most {_number(self.le)}"
             elif self.lt is not None:
                 text += f" from {_number(self.ge)} (inclusive) to {_number(self.lt)} (exclusive)"
@@ -147,8 +149,6 @@ def _check_declaration(o: Option) -> None:
             raise TypeError(
                 f"option {o.name}: give one lower (ge or gt) and one upper (le or lt) bound"
             )
-        if o.gt is not None and o.lt is not None:
-            raise TypeError(f"option {o.name}: gt with lt has no wording; use ge or le")
     if o.default is not None and o.problem(o.default):
         raise TypeError(f"option {o.name}: its default is not allowed: {o.problem(o.default)}")
 
