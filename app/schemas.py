@@ -93,13 +93,17 @@ ModelName = Annotated[
 # ----------------------------------------------------------------------------- job parameters
 # The training options' fields are derived from their one declaration (app/ml/params.py):
 # the bound, the default, the description and the message that states the allowed values.
+def _public_type(o: Option) -> Any:
+    return o.type | None if o.optional else o.type
+
+
 def _request_type(o: Option) -> Any:
     """The JSON field of one option: strictly typed, bounded, and refused with its range."""
     if o.choices:
         # pydantic's own message names the choices: "Input should be 'adam', 'sgd' or ...".
         choice: Any = Literal[o.choices]
         return choice | None if o.optional else choice
-    kind: Any = o.type | None if o.optional else o.type
+    kind = _public_type(o)
     if o.type is bool:
         return Annotated[kind, _json_typed(bool)]
     finite = False if o.type is float else None
@@ -109,10 +113,6 @@ def _request_type(o: Option) -> Any:
 
 def _description(o: Option) -> str:
     return f"{o.help} Null means {o.null_means}." if o.null_means else o.help
-
-
-def _public_type(o: Option) -> Any:
-    return o.type | None if o.optional else o.type
 
 
 class JobRequest(BaseModel):

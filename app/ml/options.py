@@ -90,7 +90,9 @@ class Option:
             )
         if ok:
             return None
-        allowed = self.allowed().removeprefix("null or " if not self.nullable else "")
+        allowed = self.allowed()
+        if not self.nullable:  # null is a job's to send (precision), not TrainConfig's to take
+            allowed = allowed.removeprefix("null or ")
         return f"{self.name} must be {allowed}. Received: {self.name}={value!r}"
 
 
