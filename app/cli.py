@@ -28,7 +28,8 @@ from typing import Any
 from app.client import ApiError, ApiUnreachable
 from app.config import get_settings
 from app.errors import DomainError
-from app.ml.params import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, default
+from app.ml.options import Option
+from app.ml.params import OPTIONS
 from app.remote_cli import EXIT_ERROR, add_commands, connection_options
 
 
@@ -304,41 +305,26 @@ def _key_dict(row: object) -> dict[str, object]:
     return ApiKeyPublic.from_row(row).model_dump(mode="json")
 
 
-def _add_lever_arguments(p: argparse.ArgumentParser) -> None:
-    """The issue-11 levers, named as the job fields (docs/course.md); all off by default."""
-    g = p.add_argument_group("levers (all off by default)")
-    g.add_argument(
-        "--augment-crop",
-        type=int,
-        default=default("augment_crop"),
-        metavar="PIXELS",
-        help="pad and crop a random 32x32 window",
-    )
-    g.add_argument("--augment-flip", action="store_true", help="random horizontal flip")
-    g.add_argument(
-        "--cutout",
-        type=int,
-        default=default("cutout"),
-        metavar="PIXELS",
-        help="erase one random square of this side",
-    )
-    g.add_argument("--label-smoothing", type=float, default=default("label_smoothing"))
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=default("weight_decay"),
-        help="decoupled weight decay (with --optimizer adamw)",
-    )
-    g.add_argument("--clipnorm", type=float, default=default("clipnorm"))
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=default("lr_schedule"))
-    g.add_argument("--warmup-epochs", type=int, default=default("warmup_epochs"))
-    g.add_argument(
-        "--early-stopping-patience",
-        type=int,
-        default=None,
-        metavar="EPOCHS",
-        help="stop on val_loss and keep the best epoch's weights",
-    )
+def add_train_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """A flag per declared option (app/ml/params.py), named as the job field in kebab case.
+
+    The values are checked where TrainConfig is built, with the API's bounds and messages.
+    """
+    levers = parser.add_argument_group("levers (all off by default)")
+    for o in options:
+        group = levers if o.lever else parser
+        default = o.request_default
+        shown = o.null_means if o.null_means else "none" if default is None else default
+        # argparse formats help with %, so a literal % (e.g. "30%") must be doubled.
+        text = f"{o.help} Default: {shown}.".replace("%", "%%")
+        if o.type is bool:
+            group.add_argument(
+                o.flag, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
+        else:
+            group.add_argument(
+                o.flag, type=o.type, choices=o.choices or None, default=default, help=text
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,20 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("net")
     p.add_argument("--data", help="CIFAR-10 source: 'keras' or a path (default: CIFAR10_SOURCE)")
     p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
-    p.add_argument("--epochs", type=int, default=default("epochs"))
-    p.add_argument("--batch-size", type=int, default=default("batch_size"))
-    p.add_argument("--validation-split", type=float, default=default("validation_split"))
-    p.add_argument("--optimizer", default=default("optimizer"), choices=OPTIMIZERS)
-    p.add_argument("--learning-rate", type=float, default=default("learning_rate"))
-    p.add_argument("--seed", type=int, default=default("seed"))
-    p.add_argument(
-        "--train-limit",
-        type=int,
-        default=None,
-        help="train on a seeded random subset of N images (quick runs)",
-    )
-    p.add_argument("--precision", choices=PRECISIONS, default=None)
-    _add_lever_arguments(p)
+    add_train_options(p, OPTIONS)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)
 

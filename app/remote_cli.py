@@ -385,7 +385,8 @@ def add_commands(sub: Any) -> None:
             metavar=name.upper(),
             type=_field_type(spec),
             default=None,
-            help=help_text or None,
+            # argparse formats help with %, so a literal % (e.g. "30%") must be doubled.
+            help=help_text.replace("%", "%%") or None,
         )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other job field")
     p.add_argument("--idempotency-key", default=None, help="retry-safe submission")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -20,6 +20,7 @@ from pydantic import (
     ValidationInfo,
     WrapValidator,
     computed_field,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -27,17 +28,8 @@ from pydantic_core import PydanticCustomError
 
 from app.errors import public_message
 from app.ml.nets import CLASS_NAMES, NETS
-from app.ml.params import (
-    MAX_AUGMENT_CROP,
-    MAX_CLIPNORM,
-    MAX_CUTOUT,
-    MAX_PATIENCE,
-    MAX_WEIGHT_DECAY,
-    LrSchedule,
-    Optimizer,
-    default,
-)
-from app.ml.params import Precision as PrecisionChoice
+from app.ml.options import Option, options_of
+from app.ml.params import INT32_MAX, TrainConfig
 from app.models import as_utc
 from app.states import JobStatus
 
@@ -45,7 +37,6 @@ from app.states import JobStatus
 # letter or digit, so ".", ".." and hidden names cannot step out of it.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 ALIAS_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-INT32_MAX = 2**31 - 1  # the jobs columns are 32-bit INTEGER on PostgreSQL
 
 
 def _expected(description: str) -> WrapValidator:
@@ -90,68 +81,6 @@ def _json_typed(kind: type) -> BeforeValidator:
 JsonNumber = _json_typed(float)
 JsonBool = Annotated[bool, _json_typed(bool)]
 
-Epochs = Annotated[int, Field(ge=1, le=1000), JsonNumber, _expected("an integer from 1 to 1000")]
-BatchSize = Annotated[int, Field(ge=1, le=8192), JsonNumber, _expected("an integer from 1 to 8192")]
-ValidationSplit = Annotated[
-    float,
-    Field(ge=0, lt=1, allow_inf_nan=False),
-    JsonNumber,
-    _expected("a number from 0 (inclusive) to 1 (exclusive)"),
-]
-LearningRate = Annotated[
-    float,
-    Field(gt=0, le=10, allow_inf_nan=False),
-    JsonNumber,
-    _expected("a number greater than 0 and at most 10"),
-]
-Seed = Annotated[
-    int, Field(ge=0, le=INT32_MAX), JsonNumber, _expected(f"an integer from 0 to {INT32_MAX}")
-]
-TrainLimit = Annotated[
-    int | None,
-    Field(ge=10, le=INT32_MAX),
-    JsonNumber,
-    _expected(f"null or an integer from 10 to {INT32_MAX}"),
-]
-AugmentCrop = Annotated[
-    int,
-    Field(ge=0, le=MAX_AUGMENT_CROP),
-    JsonNumber,
-    _expected(f"an integer from 0 to {MAX_AUGMENT_CROP} (pixels of padding)"),
-]
-Cutout = Annotated[
-    int,
-    Field(ge=0, le=MAX_CUTOUT),
-    JsonNumber,
-    _expected(f"an integer from 0 to {MAX_CUTOUT} (pixels)"),
-]
-LabelSmoothing = Annotated[
-    float,
-    Field(ge=0, lt=1, allow_inf_nan=False),
-    JsonNumber,
-    _expected("a number from 0 (inclusive) to 1 (exclusive)"),
-]
-WeightDecay = Annotated[
-    float,
-    Field(ge=0, le=MAX_WEIGHT_DECAY, allow_inf_nan=False),
-    JsonNumber,
-    _expected(f"a number from 0 to {MAX_WEIGHT_DECAY:g}"),
-]
-ClipNorm = Annotated[
-    float | None,
-    Field(gt=0, le=MAX_CLIPNORM, allow_inf_nan=False),
-    JsonNumber,
-    _expected(f"null or a number greater than 0 and at most {MAX_CLIPNORM:g}"),
-]
-WarmupEpochs = Annotated[
-    int, Field(ge=0, le=1000), JsonNumber, _expected("an integer from 0 to 1000, below epochs")
-]
-Patience = Annotated[
-    int | None,
-    Field(ge=1, le=MAX_PATIENCE),
-    JsonNumber,
-    _expected(f"null or an integer from 1 to {MAX_PATIENCE}"),
-]
 ModelName = Annotated[
     str | None,
     Field(pattern=MODEL_NAME_PATTERN),
@@ -161,78 +90,54 @@ ModelName = Annotated[
 ]
 
 
-class JobCreate(BaseModel):
-    """POST /jobs: every field but `net` defaults to the seed's training parameters."""
+# ----------------------------------------------------------------------------- job parameters
+# The training options' fields are derived from their one declaration (app/ml/params.py):
+# the bound, the default, the description and the message that states the allowed values.
+def _public_type(o: Option) -> Any:
+    return o.type | None if o.optional else o.type
+
+
+def _request_type(o: Option) -> Any:
+    """The JSON field of one option: strictly typed, bounded, and refused with its range."""
+    if o.choices:
+        # pydantic's own message names the choices: "Input should be 'adam', 'sgd' or ...".
+        choice: Any = Literal[o.choices]
+        return choice | None if o.optional else choice
+    kind = _public_type(o)
+    if o.type is bool:
+        return Annotated[kind, _json_typed(bool)]
+    finite = False if o.type is float else None
+    bounds = Field(ge=o.ge, gt=o.gt, le=o.le, lt=o.lt, allow_inf_nan=finite)
+    return Annotated[kind, bounds, JsonNumber, _expected(o.allowed())]
+
+
+def _description(o: Option) -> str:
+    return f"{o.help} Null means {o.null_means}." if o.null_means else o.help
+
+
+class JobRequest(BaseModel):
+    """What a POST /jobs body holds besides the training options: the net and its checks."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"net": "net1", "epochs": 20, "batch_size": 128}]},
     )
+    train_config: ClassVar[type[TrainConfig]] = TrainConfig
 
     net: str = Field(
         description="A registered architecture, see GET /nets.",
         json_schema_extra={"enum": list(NETS)},
     )
-    epochs: Epochs = default("epochs")
-    batch_size: BatchSize = default("batch_size")
-    validation_split: ValidationSplit = default("validation_split")
-    optimizer: Optimizer = default("optimizer")
-    learning_rate: LearningRate = default("learning_rate")
-    seed: Seed = default("seed")
-    train_limit: TrainLimit = Field(
-        default=None,
-        description="Train on a seeded random subset of N training images (smoke runs).",
-    )
-    model_name: ModelName = Field(
-        default=None, description="Registry name for the trained model; defaults to the net."
-    )
-    precision: PrecisionChoice | None = Field(
-        default=None, description="Mixed-precision policy; null uses the worker's setting."
-    )
-    # The levers (issue 11, docs/course.md); every default is the course's setup.
-    augment_crop: AugmentCrop = Field(
-        default=default("augment_crop"),
-        description="Pad by N pixels and crop a random 32x32 window (training only); 0 = off.",
-    )
-    augment_flip: JsonBool = Field(
-        default=default("augment_flip"), description="Random horizontal flip (training only)."
-    )
-    cutout: Cutout = Field(
-        default=default("cutout"), description="Erase one random NxN square (training only)."
-    )
-    label_smoothing: LabelSmoothing = Field(
-        default=default("label_smoothing"),
-        description="Targets (1 - eps) * onehot + eps / 10; loss and val_loss are the smoothed loss.",
-    )
-    weight_decay: WeightDecay = Field(
-        default=default("weight_decay"),
-        description="Decoupled weight decay; needs optimizer 'adamw'.",
-    )
-    clipnorm: ClipNorm = Field(
-        default=default("clipnorm"), description="Clip each gradient to this L2 norm."
-    )
-    lr_schedule: LrSchedule = Field(
-        default=default("lr_schedule"),  # type: ignore[arg-type]
-        description="constant, cosine (to 0) or one_cycle (peak learning_rate); see docs/course.md.",
-    )
-    warmup_epochs: WarmupEpochs = Field(
-        default=default("warmup_epochs"),
-        description="Linear warm-up epochs (one_cycle: epochs to the peak, default 30%).",
-    )
-    early_stopping_patience: Patience = Field(
-        default=default("early_stopping_patience"),
-        description="Stop after N epochs without a lower val_loss and keep the best epoch's weights.",
-    )
 
     @model_validator(mode="after")
-    def _levers_fit_together(self) -> JobCreate:
-        """The cross-field rules of TrainConfig (weight decay needs AdamW, warm-up < epochs...)."""
-        from app.ml.params import TrainConfig
-
+    def _options_fit_together(self) -> JobRequest:
+        """The rules between options (weight decay needs AdamW, warm-up < epochs...)."""
         values = self.model_dump(exclude={"model_name"})
-        values["precision"] = values["precision"] or "auto"
+        for o in options_of(self.train_config):
+            if o.null_means and values[o.name] is None:
+                del values[o.name]  # decided at run time; the declared default stands in
         try:
-            TrainConfig(**values)
+            self.train_config(**values)
         except ValueError as exc:
             raise PydanticCustomError(
                 "invalid_combination", "{reason}", {"reason": str(exc)}
@@ -251,31 +156,55 @@ class JobCreate(BaseModel):
     def parameters(self) -> dict[str, Any]:
         """The job's columns, with the registry name defaulted to the net."""
         values = self.model_dump()
-        values["model_name"] = self.model_name or self.net
+        values["model_name"] = values["model_name"] or self.net
         return values
 
 
-class JobParameters(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+def job_create_model(config: type[TrainConfig]) -> type[JobRequest]:
+    """POST /jobs' body for `config`: `net`, a field per declared option, then `model_name`."""
+    fields: dict[str, Any] = {
+        o.name: (_request_type(o), Field(default=o.request_default, description=_description(o)))
+        for o in options_of(config)
+    }
+    model = create_model(
+        "JobCreateFields",
+        __base__=JobRequest,
+        __module__=__name__,
+        **fields,
+        model_name=(
+            ModelName,
+            Field(
+                default=None,
+                description="Registry name for the trained model; defaults to the net.",
+            ),
+        ),
+    )
+    model.train_config = config
+    return model
 
-    epochs: int
-    batch_size: int
-    validation_split: float
-    optimizer: str
-    learning_rate: float
-    seed: int
-    train_limit: int | None
-    model_name: str
-    precision: str | None
-    augment_crop: int = 0
-    augment_flip: bool = False
-    cutout: int = 0
-    label_smoothing: float = 0.0
-    weight_decay: float = 0.0
-    clipnorm: float | None = None
-    lr_schedule: str = "constant"
-    warmup_epochs: int = 0
-    early_stopping_patience: int | None = None
+
+def job_parameters_model(config: type[TrainConfig]) -> type[BaseModel]:
+    """A job's public `parameters` for `config`: every declared option, then `model_name`."""
+    fields: dict[str, Any] = {
+        o.name: (_public_type(o), Field(description=_description(o))) for o in options_of(config)
+    }
+    return create_model(
+        "JobParametersFields",
+        __config__=ConfigDict(from_attributes=True),
+        __module__=__name__,
+        **fields,
+        model_name=(str, Field(description="The registry name the trained model gets.")),
+    )
+
+
+# Subclasses, so that the names are classes for type checkers and the OpenAPI document; mypy
+# cannot follow a base built at run time, so it sees their fields as Any.
+class JobCreate(job_create_model(TrainConfig)):  # type: ignore[misc]
+    """POST /jobs: every field but `net` defaults to the seed's training parameters."""
+
+
+class JobParameters(job_parameters_model(TrainConfig)):  # type: ignore[misc]
+    """The job's training options as stored, and the registry name of its model."""
 
 
 class Progress(BaseModel):

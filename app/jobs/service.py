@@ -23,25 +23,21 @@ from app.config import Settings
 from app.db import rowcount
 from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound, JobTooLarge
 from app.jobs import queue
-from app.ml.params import LEVER_FIELDS
+from app.ml.options import Option
+from app.ml.params import OPTIONS
 from app.models import EpochMetric, Evaluation, Job
 from app.quotas import check_job_quota
 from app.schemas import JobCreate
 from app.states import InvalidTransition, JobStatus, check_transition
 
-PARAMETER_FIELDS = (
-    "net",
-    "epochs",
-    "batch_size",
-    "validation_split",
-    "optimizer",
-    "learning_rate",
-    "seed",
-    "train_limit",
-    "model_name",
-    "precision",
-    *LEVER_FIELDS,
-)
+
+def job_identity(options: Sequence[Option]) -> tuple[str, ...]:
+    """The fields a reused Idempotency-Key must repeat: the net, every option declared with
+    identity=True (app/ml/params.py) and the registry name, which is a job field."""
+    return ("net", *(o.name for o in options if o.identity), "model_name")
+
+
+PARAMETER_FIELDS = job_identity(OPTIONS)
 # A job row is re-read at most this often when a worker keeps changing it under a cancel.
 _CANCEL_ATTEMPTS = 5
 # CIFAR-10's training images: a job without train_limit trains on all of them.

@@ -1,7 +1,13 @@
-"""A training run's parameters: the one place for their defaults and allowed values.
+"""A training run's parameters, each declared once: default, bound, help text and role.
 
-Kept free of heavy imports so that the API's schemas and the settings can read the same
-defaults and choices that the training core enforces.
+TrainConfig's fields are the declaration (see app/ml/options.py for `option`). The API's
+request schema and public parameters (app/schemas.py), the `cnn train` flags (app/cli.py),
+the idempotency fields (app/jobs/service.py), the comparison's fields (app/reports/compare.py)
+and the table in docs/training-options.md are derived from it. Only the jobs column
+(app/models.py) and its migration are written by hand; tests/test_training_options.py checks
+that they agree. docs/architecture.md, "Adding a training option", shows the three edits.
+
+Kept free of heavy imports so that the API's schemas and the settings can read it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from app.ml.nets import get_net
+from app.ml.options import Option, lever, option, options_of
 
 Optimizer = Literal["adam", "sgd", "rmsprop", "adamw"]
 Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
@@ -19,12 +26,10 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
-# Bounds of the training levers (issue 11), shared by TrainConfig, the API schema and the CLI.
+INT32_MAX = 2**31 - 1  # the jobs columns are 32-bit INTEGER on PostgreSQL
+MAX_EPOCHS = 1000  # the service's JOB_MAX_EPOCHS setting may lower it further
 MAX_AUGMENT_CROP = 16  # pixels of padding before the random 32x32 crop
 MAX_CUTOUT = 32  # side of the erased square, pixels
-MAX_CLIPNORM = 1e6
-MAX_WEIGHT_DECAY = 1.0
-MAX_PATIENCE = 1000
 
 
 @dataclass(frozen=True)
@@ -32,110 +37,117 @@ class TrainConfig:
     """One run's parameters; the defaults are the course's (Adam, batch 128, 20% split, 20 epochs)."""
 
     net: str
-    epochs: int = 20
-    batch_size: int = 128
-    validation_split: float = 0.2
-    optimizer: str = "adam"
-    learning_rate: float = 0.001
-    seed: int = 0
-    train_limit: int | None = None
-    precision: str = "auto"
-    # The levers (issue 11); every default leaves the course's nets exactly as defined.
-    augment_crop: int = 0  # pad by this many pixels, then crop a random 32x32 window
-    augment_flip: bool = False  # random horizontal flip
-    cutout: int = 0  # erase one random square of this side (pixels)
-    label_smoothing: float = 0.0
-    weight_decay: float = 0.0  # decoupled weight decay; needs optimizer="adamw"
-    clipnorm: float | None = None  # clip each gradient to this L2 norm
-    lr_schedule: str = "constant"
-    warmup_epochs: int = 0
-    early_stopping_patience: int | None = None  # stop on val_loss, restore the best weights
+    epochs: int = option(20, "Passes over the training images.", ge=1, le=MAX_EPOCHS)
+    batch_size: int = option(128, "Images per gradient step.", ge=1, le=8192)
+    validation_split: float = option(
+        0.2,
+        "Fraction of the training images held out for val_loss and val_accuracy (the last "
+        "ones, as Keras does).",
+        ge=0,
+        lt=1,
+    )
+    optimizer: str = option(
+        "adam", "The Keras optimizer; adamw for decoupled weight decay.", choices=OPTIMIZERS
+    )
+    learning_rate: float = option(
+        0.001, "The optimizer's learning rate (with an lr_schedule, its peak).", gt=0, le=10
+    )
+    seed: int = option(
+        0,
+        "Seeds the weights, the shuffling, the augmentation and train_limit's subset.",
+        ge=0,
+        le=INT32_MAX,
+    )
+    train_limit: int | None = option(
+        None,
+        "Train on a seeded random subset of N training images (smoke runs).",
+        ge=10,
+        le=INT32_MAX,
+    )
+    precision: str = option(
+        "auto",
+        "Mixed-precision policy; auto is bfloat16 where the hardware has it, else float32.",
+        choices=PRECISIONS,
+        compared=False,  # the comparison shows it in a column of its own
+        null_means="the PRECISION setting of the process that trains",
+    )
+    # The levers (issue 11, docs/course.md); every default leaves the course's nets as defined.
+    augment_crop: int = lever(
+        0,
+        "Pad every training image by N zero pixels per side and crop a random 32x32 window "
+        "(training only); 0 = off.",
+        ge=0,
+        le=MAX_AUGMENT_CROP,
+        unit="pixels of padding",
+    )
+    augment_flip: bool = lever(False, "Mirror a random half of the training images left-right.")
+    cutout: int = lever(
+        0,
+        "Erase one random NxN square of every training image (clipped at the border); 0 = off.",
+        ge=0,
+        le=MAX_CUTOUT,
+        unit="pixels",
+    )
+    label_smoothing: float = lever(
+        0.0,
+        "Targets (1 - eps) * onehot + eps / 10; loss and val_loss are then the smoothed loss.",
+        ge=0,
+        lt=1,
+    )
+    weight_decay: float = lever(
+        0.0,
+        "Decoupled weight decay (w -= lr * wd * w per step); needs optimizer adamw.",
+        ge=0,
+        le=1.0,
+    )
+    clipnorm: float | None = lever(None, "Clip each gradient to this L2 norm.", gt=0, le=1e6)
+    lr_schedule: str = lever(
+        "constant",
+        "constant, cosine (to 0) or one_cycle (peak learning_rate); see docs/course.md.",
+        choices=LR_SCHEDULES,
+    )
+    warmup_epochs: int = lever(
+        0,
+        "Linear warm-up epochs (one_cycle: epochs to the peak, default 30%).",
+        ge=0,
+        le=MAX_EPOCHS,
+        rule="below epochs",
+    )
+    early_stopping_patience: int | None = lever(
+        None,
+        "Stop after N epochs without a lower val_loss and keep the best epoch's weights; "
+        "needs validation_split > 0.",
+        ge=1,
+        le=1000,
+    )
 
     def __post_init__(self) -> None:
         get_net(self.net)
-        checks = self._checks() + self._lever_checks()
-        for ok, message in checks:
+        for o in options_of(type(self)):
+            problem = o.problem(getattr(self, o.name))
+            if problem:
+                raise ValueError(problem)
+        for ok, message in self._rules():
             if not ok:
                 raise ValueError(message)
 
-    def _lever_checks(self) -> list[tuple[bool, str]]:
+    def _rules(self) -> list[tuple[bool, str]]:
+        """The rules between options; JobCreate answers a broken one with a 422 and its text."""
         return [
-            (
-                0 <= self.augment_crop <= MAX_AUGMENT_CROP,
-                f"augment_crop must be from 0 to {MAX_AUGMENT_CROP} pixels. "
-                f"Received: augment_crop={self.augment_crop}",
-            ),
-            (
-                0 <= self.cutout <= MAX_CUTOUT,
-                f"cutout must be from 0 to {MAX_CUTOUT} pixels. Received: cutout={self.cutout}",
-            ),
-            (
-                0.0 <= self.label_smoothing < 1.0,
-                f"label_smoothing must be in [0, 1). Received: label_smoothing={self.label_smoothing}",
-            ),
-            (
-                0.0 <= self.weight_decay <= MAX_WEIGHT_DECAY,
-                f"weight_decay must be from 0 to {MAX_WEIGHT_DECAY}. "
-                f"Received: weight_decay={self.weight_decay}",
-            ),
             (
                 self.weight_decay == 0.0 or self.optimizer == "adamw",
                 "weight_decay needs optimizer='adamw' (decoupled weight decay). "
                 f"Received: optimizer={self.optimizer!r}, weight_decay={self.weight_decay}",
             ),
             (
-                self.clipnorm is None or 0.0 < self.clipnorm <= MAX_CLIPNORM,
-                f"clipnorm must be null or in (0, {MAX_CLIPNORM:g}]. Received: clipnorm={self.clipnorm}",
-            ),
-            (
-                self.lr_schedule in LR_SCHEDULES,
-                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}. "
-                f"Received: lr_schedule={self.lr_schedule!r}",
-            ),
-            (
-                0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+                self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
                 f"warmup_epochs must be from 0 to epochs - 1 ({self.epochs - 1}). "
                 f"Received: warmup_epochs={self.warmup_epochs}",
-            ),
-            (
-                self.early_stopping_patience is None
-                or 1 <= self.early_stopping_patience <= MAX_PATIENCE,
-                f"early_stopping_patience must be null or from 1 to {MAX_PATIENCE}. "
-                f"Received: early_stopping_patience={self.early_stopping_patience}",
             ),
             (
                 self.early_stopping_patience is None or self.validation_split > 0,
                 "early_stopping_patience watches val_loss and needs validation_split > 0. "
                 f"Received: validation_split={self.validation_split}",
-            ),
-        ]
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        return [
-            (self.epochs >= 1, f"epochs must be >= 1. Received: epochs={self.epochs}"),
-            (
-                self.batch_size >= 1,
-                f"batch_size must be >= 1. Received: batch_size={self.batch_size}",
-            ),
-            (
-                0.0 <= self.validation_split < 1.0,
-                f"validation_split must be in [0, 1). Received: validation_split={self.validation_split}",
-            ),
-            (
-                self.optimizer in OPTIMIZERS,
-                f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={self.optimizer!r}",
-            ),
-            (
-                self.learning_rate > 0,
-                f"learning_rate must be > 0. Received: learning_rate={self.learning_rate}",
-            ),
-            (
-                self.precision in PRECISIONS,
-                f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={self.precision!r}",
-            ),
-            (
-                self.train_limit is None or self.train_limit >= 2,
-                f"train_limit must be >= 2 when set. Received: train_limit={self.train_limit}",
             ),
         ]
 
@@ -159,19 +171,10 @@ class TrainConfig:
         }
 
 
+OPTIONS: tuple[Option, ...] = options_of(TrainConfig)
+LEVER_FIELDS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.lever)
+
+
 def default(name: str) -> Any:
     """The course's default for one parameter, e.g. default("batch_size") == 128."""
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
-
-
-LEVER_FIELDS: tuple[str, ...] = (
-    "augment_crop",
-    "augment_flip",
-    "cutout",
-    "label_smoothing",
-    "weight_decay",
-    "clipnorm",
-    "lr_schedule",
-    "warmup_epochs",
-    "early_stopping_patience",
-)

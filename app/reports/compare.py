@@ -14,20 +14,20 @@ from sqlalchemy.orm import Session
 
 from app.errors import InvalidJobIds, JobNotFinished
 from app.ml.analysis import analyse
-from app.ml.params import LEVER_FIELDS
+from app.ml.options import Option
+from app.ml.params import OPTIONS
 
 MAX_COMPARE_JOBS = 20
 HISTORY_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
-TRAINING_FIELDS = (
-    "epochs",
-    "batch_size",
-    "validation_split",
-    "optimizer",
-    "learning_rate",
-    "seed",
-    "train_limit",
-    *LEVER_FIELDS,
-)
+
+
+def training_fields(options: Sequence[Option]) -> tuple[str, ...]:
+    """The options a row lists under `training` (app/ml/params.py declares which: precision
+    has a column of its own)."""
+    return tuple(o.name for o in options if o.compared)
+
+
+TRAINING_FIELDS = training_fields(OPTIONS)
 
 
 @lru_cache(maxsize=32)

@@ -22,6 +22,7 @@ from app.errors import JobTooLarge
 from app.jobs.queue import TRAIN_TASK
 from app.jobs.service import create_job, submit_job
 from app.ml.nets import CLASS_NAMES, NETS
+from app.ml.params import OPTIONS
 from app.models import Evaluation, Job
 from app.schemas import JobCreate
 
@@ -48,6 +49,12 @@ SEED_DEFAULTS = {
 }
 
 
+def shown_defaults() -> dict[str, Any]:
+    """A new job's parameters: the seed's, pinned above, and every other declared option
+    (app/ml/params.py) at its default, so that adding an option needs no edit here."""
+    return {o.name: o.request_default for o in OPTIONS} | SEED_DEFAULTS
+
+
 def job_count(session_factory) -> int:
     with session_factory() as session:
         return session.scalar(select(func.count()).select_from(Job))
@@ -63,7 +70,7 @@ def test_post_job_applies_the_seed_defaults_and_enqueues_it(client, training_que
     assert response.headers["location"] == f"/jobs/{job['id']}"
     assert job["status"] == "queued"
     assert job["net"] == "net1"
-    assert job["parameters"] == SEED_DEFAULTS
+    assert job["parameters"] == shown_defaults()
     assert job["progress"] == {"epoch": 0, "epochs": 20}
     assert job["attempts"] == 0 and job["cancel_requested"] is False
     assert job["evaluation"] is None and job["model_version"] is None
@@ -92,7 +99,7 @@ def test_post_job_keeps_every_given_parameter(client):
     }
     job = client.post("/jobs", json=body).json()
     assert job["net"] == "net2"
-    assert job["parameters"] == SEED_DEFAULTS | {k: v for k, v in body.items() if k != "net"}
+    assert job["parameters"] == shown_defaults() | {k: v for k, v in body.items() if k != "net"}
     assert job["progress"] == {"epoch": 0, "epochs": 3}
 
 
