@@ -125,11 +125,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return cmd_predict_remote(args)
     if len(args.files) != 2:
         raise ValueError("local prediction takes MODEL.keras IMAGE (or use --remote IMAGE)")
+    from app.config import get_settings
     from app.ml.inference import Predictor, predict_probabilities
-    from app.serving.inputs import decode_image
+    from app.serving.inputs import PixelBudget, decode_image
 
     model_path, image_path = args.files
-    image = decode_image(Path(image_path).read_bytes(), resize=args.resize)
+    budget = PixelBudget(get_settings().PREDICT_RESIZE_MAX_PIXELS)
+    image = decode_image(Path(image_path).read_bytes(), resize=args.resize, budget=budget)
     predictor = Predictor.from_path(Path(model_path))
     (prediction,) = predict_probabilities(predictor, image)
     if args.json:

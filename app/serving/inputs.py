@@ -37,7 +37,6 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from app.config import get_settings
 from app.errors import InputError
 
 # normalise is the training data's own scaling, so served inputs match what the net saw.
@@ -279,8 +278,8 @@ def decode_image(
 
     Grayscale and palette images are converted to RGB; an alpha channel is dropped (not
     composited). An image of another size is refused with `image_size` unless `resize` is
-    set; then its pixels come out of `budget` (the request's; without one, as for `cnn
-    predict`, a budget of this process's PREDICT_RESIZE_MAX_PIXELS) and it is resized to
+    set; then its pixels come out of `budget` (the request's, or `cnn predict`'s: a resize
+    without one is a programming error) and it is resized to
     32x32 with Pillow's antialiased bilinear filter. Only the header is read before the size
     checks, so a small file that declares huge dimensions (a decompression bomb) is refused
     with `image_size` before any pixel is decoded.
@@ -306,7 +305,7 @@ def decode_image(
                 "send a 32x32 image or ask for resize=true",
             )
         if budget is None:
-            budget = PixelBudget(get_settings().PREDICT_RESIZE_MAX_PIXELS)
+            raise ValueError("decode_image(resize=True) needs the caller's PixelBudget")
         budget.take(*img.size)
     try:
         img.load()

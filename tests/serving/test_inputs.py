@@ -17,10 +17,8 @@ import orjson
 import pytest
 from PIL import Image
 
-from app.config import Settings
 from app.errors import InputError
 from app.ml.data import normalise
-from app.serving import inputs
 from app.serving.inputs import (
     PixelBudget,
     decode_b64,
@@ -170,15 +168,16 @@ def test_the_pixel_budget_bounds_each_image_and_the_whole_request():
     assert info.value.code == "image_size" and "add up to more than 1000" in info.value.message
 
 
-def test_one_setting_bounds_the_resize_of_cnn_predict_too(monkeypatch):
-    """Without a request's budget (`cnn predict` passes none), decode_image takes the
-    process's PREDICT_RESIZE_MAX_PIXELS: the limit exists once, as a setting."""
+def test_a_resize_always_spends_a_budget_of_the_callers():
+    """decode_image never resizes on an unbounded budget: the caller (a request, or `cnn
+    predict` with PREDICT_RESIZE_MAX_PIXELS) passes one, so the limit exists once."""
     big = encode(X[0], size=(40, 40))  # 1,600 pixels
-    assert decode_image(big, resize=True).shape == (32, 32, 3)  # the default: 16.7 million
-    monkeypatch.setattr(inputs, "get_settings", lambda: Settings(PREDICT_RESIZE_MAX_PIXELS=1024))
+    assert decode_image(big, resize=True, budget=PixelBudget(2000)).shape == (32, 32, 3)
     with pytest.raises(InputError) as info:
-        decode_image(big, resize=True)
+        decode_image(big, resize=True, budget=PixelBudget(1024))
     assert info.value.code == "image_size" and "at most 1024 pixels" in info.value.message
+    with pytest.raises(ValueError, match="PixelBudget"):
+        decode_image(big, resize=True)
 
 
 def test_an_upload_and_cnn_predict_decode_alike():
@@ -186,7 +185,7 @@ def test_an_upload_and_cnn_predict_decode_alike():
     Predictor's own scaling of uint8) end in the same float32 batch."""
     for data, resize in ((encode(X[0]), False), (encode(X[1], "JPEG", size=(50, 40)), True)):
         upload = decode_upload(data, resize, 10**6)
-        np.testing.assert_array_equal(upload, normalise(decode_image(data, resize)[np.newaxis]))
+        np.testing.assert_array_equal(upload, normalise(decode_image(data, resize, PixelBudget(10**6))[np.newaxis]))
 
 
 def test_a_decompression_bomb_is_refused_before_decoding():
@@ -405,11 +404,11 @@ def test_wrong_size_is_refused_unless_resize_is_asked_for():
         decode_image(encode(big))
     assert info.value.code == "image_size"
     assert "48x64, expected 32x32" in info.value.message and "resize" in info.value.message
-    out = decode_image(encode(big), resize=True)
+    out = decode_image(encode(big), resize=True, budget=PixelBudget(10**6))
     assert out.shape == (32, 32, 3)
     # A flat image stays flat through the antialiasing filter.
     flat = np.full((100, 100, 3), 77, dtype=np.uint8)
-    assert (decode_image(encode(flat), resize=True) == 77).all()
+    assert (decode_image(encode(flat), resize=True, budget=PixelBudget(10**6)) == 77).all()
 
 
 @pytest.mark.parametrize(
