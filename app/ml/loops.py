@@ -57,8 +57,8 @@ class FitPlan:
     x_val: np.ndarray | None  # uint8, None without a validation split
     y_val: np.ndarray | None
     batch_size: int
-    epochs: int  # train up to this epoch (exclusive, 0-based, as Keras' `fit` counts)
-    initial_epoch: int  # the epochs already done: a resumed run starts after them
+    epochs: int  # as in Keras' `fit`: run the 0-based epochs initial_epoch .. epochs - 1
+    initial_epoch: int  # the epochs already done (a resumed run's checkpoint)
     callbacks: tuple[Any, ...]  # Keras callbacks, driven in this order
     steps_per_execution: int  # steps per dispatch, and so per on_train_batch_end
     seed: int  # the shuffle's seed, where the trainer shuffles by itself
@@ -156,13 +156,13 @@ TRAINERS: dict[str, TrainerEntry] = {
     "device": TrainerEntry("app.ml.loops_jax", "DeviceTrainer", ("jax",)),
 }
 AUTO: dict[str, str] = {"tensorflow": "data", "jax": "device"}  # the fastest loop per backend
-LOOPS: tuple[str, ...] = ("auto", *TRAINERS)
 
 
 def choose_trainer(loop: str) -> Trainer:
     """The trainer of `loop` for this process' backend; `auto` = AUTO's loop for the backend."""
-    if loop not in LOOPS:
-        raise ValueError(f"loop must be one of {', '.join(LOOPS)}. Received: loop={loop!r}")
+    if loop != "auto" and loop not in TRAINERS:
+        known = ", ".join(("auto", *TRAINERS))
+        raise ValueError(f"loop must be one of {known}. Received: loop={loop!r}")
     running = backend.name()
     name = AUTO[running] if loop == "auto" else loop
     entry = TRAINERS[name]

@@ -311,7 +311,12 @@ def train(
     configure_devices()
     trainer = loops.choose_trainer(loop)
     options = RunOptions(
-        on_epoch, should_stop, checkpoint_dir, verbose, steps_per_execution, tuple(callbacks)
+        on_epoch=on_epoch,
+        should_stop=should_stop,
+        checkpoint_dir=checkpoint_dir,
+        verbose=verbose,
+        steps_per_execution=steps_per_execution,
+        callbacks=tuple(callbacks),
     )
     prepared = prepare(config, data)
     start = build_or_resume(config, prepared, checkpoint_dir)

@@ -29,6 +29,50 @@ def test_bad_builder_arguments_raise_value_error():
         build_net("net1", num_classes=1)
 
 
+def test_net1_and_net2_layers_in_order():
+    """NET I and NET II share one builder; each keeps the layers (and names) of its exercise."""
+    expected = {
+        "net1": [
+            ("conv1", "Conv2D", 896),
+            ("pool1", "MaxPooling2D", 0),
+            ("conv2", "Conv2D", 18_496),
+            ("pool2", "MaxPooling2D", 0),
+            ("conv3", "Conv2D", 36_928),
+            ("pool3", "MaxPooling2D", 0),
+            ("flatten", "Flatten", 0),
+            ("fc1", "Dense", 131_584),
+            ("fc2", "Dense", 5_130),
+        ],
+        "net2": [
+            ("conv1", "Conv2D", 2_432),
+            ("conv2", "Conv2D", 51_264),
+            ("pool1", "MaxPooling2D", 0),
+            ("conv3", "Conv2D", 102_464),
+            ("pool2", "MaxPooling2D", 0),
+            ("flatten", "Flatten", 0),
+            ("fc1", "Dense", 524_800),
+            ("fc2", "Dense", 5_130),
+        ],
+    }
+    import keras
+
+    for name, layers in expected.items():
+        model = build_net(name)
+        assert model.name == name
+        got = [(layer.name, type(layer).__name__, layer.count_params()) for layer in model.layers]
+        assert got == layers
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            mixed = build_net(name)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        # The softmax stays float32 under mixed precision; the rest follows the policy.
+        assert [layer.dtype_policy.name for layer in mixed.layers[-2:]] == [
+            "mixed_bfloat16",
+            "float32",
+        ]
+
+
 def test_total_params_match_the_issue_and_keras(summary):
     assert summary.total_params == EXPECTED_PARAMS[summary.net]
     assert summary.keras_total_params == EXPECTED_PARAMS[summary.net]
