@@ -1,8 +1,10 @@
-"""Keras callbacks of the levers (issue 11): per-epoch learning rate, early stopping.
+"""The Keras callbacks that train() puts in every loop: the epoch reporter (timing, cancel),
+and the levers of issue 11 (per-epoch learning rate, early stopping).
 
 Plain `keras.callbacks.Callback`s, so they work in `fit` and in any loop that drives a
-Keras CallbackList (on_train_begin, on_epoch_begin, on_epoch_end with logs, on_train_end,
-and stops when `model.stop_training` is set), whatever the backend.
+Keras CallbackList (on_train_begin, on_epoch_begin, on_train_batch_end, on_epoch_end with
+logs, on_train_end, and stops when `model.stop_training` is set), whatever the backend.
+keras is imported by this module: import it lazily.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,47 @@ from app.ml.optim import current_learning_rate
 
 BEST_WEIGHTS = "best.weights.h5"
 BEST_STATE = "best.json"
+
+# report(epoch (0-based), the epoch's logs, its seconds, the seconds of its training steps)
+EpochReport = Callable[[int, dict[str, Any], float, float], None]
+
+
+class Cancelled(Exception):
+    """Raised inside a loop to leave at once, skipping the epoch's validation pass."""
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """Times each epoch, checks for cancel after every batch, then hands the epoch to `report`.
+
+    `should_stop` is polled after every dispatched chunk of training steps and of validation
+    steps; when it says so, Cancelled ends the loop before the epoch is reported.
+    """
+
+    def __init__(self, report: EpochReport, should_stop: Callable[[], bool] | None = None) -> None:
+        super().__init__()
+        self.report = report
+        self.should_stop = should_stop
+        self._start = self._train_end = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+        self._train_end = self._start
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._train_end = time.perf_counter()
+        self._check_for_cancel()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # The epoch's validation pass stops as promptly as training (cancel, shutdown).
+        self._check_for_cancel()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        train_seconds = max(self._train_end - self._start, 1e-9)
+        self.report(epoch, logs or {}, time.perf_counter() - self._start, train_seconds)
+
+    def _check_for_cancel(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled()
 
 
 class LearningRateLogger(keras.callbacks.Callback):

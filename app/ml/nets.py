@@ -75,49 +75,43 @@ def build_net1(
     input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES
 ) -> keras.Model:
     """NET I (exercise 3): CONV-POOL-CONV-POOL-CONV-POOL-FC-FC, 3x3 kernels, valid padding."""
-    import keras
-    from keras import layers
-
-    _check_shape(input_shape, num_classes)
-    return keras.Sequential(
-        [
-            keras.Input(shape=input_shape, name="image"),
-            layers.Conv2D(32, 3, activation="relu", name="conv1"),
-            layers.MaxPooling2D(2, strides=2, name="pool1"),
-            layers.Conv2D(64, 3, activation="relu", name="conv2"),
-            layers.MaxPooling2D(2, strides=2, name="pool2"),
-            layers.Conv2D(64, 3, activation="relu", name="conv3"),
-            layers.MaxPooling2D(2, strides=2, name="pool3"),
-            layers.Flatten(name="flatten"),
-            layers.Dense(512, activation="relu", name="fc1"),
-            layers.Dense(num_classes, activation="softmax", dtype="float32", name="fc2"),
-        ],
-        name="net1",
-    )
+    return _conv_pool_fc("net1", input_shape, num_classes, kernel=3, stages=((32,), (64,), (64,)))
 
 
 def build_net2(
     input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = NUM_CLASSES
 ) -> keras.Model:
     """NET II (exercise 11): CONV-CONV-POOL-CONV-POOL-FC-FC, 5x5 kernels, valid padding."""
+    return _conv_pool_fc("net2", input_shape, num_classes, kernel=5, stages=((32, 64), (64,)))
+
+
+def _conv_pool_fc(
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    kernel: int,
+    stages: tuple[tuple[int, ...], ...],
+) -> keras.Model:
+    """The frame of NET I and NET II: stages of ReLU convolutions (`kernel` x `kernel`, valid
+    padding; one stage = its filter counts) each closed by a 2x2 max pooling, then FC 512 and
+    the softmax FC. Layers are numbered in order: conv1, conv2, ... and pool1, pool2, ..."""
     import keras
     from keras import layers
 
     _check_shape(input_shape, num_classes)
-    return keras.Sequential(
-        [
-            keras.Input(shape=input_shape, name="image"),
-            layers.Conv2D(32, 5, activation="relu", name="conv1"),
-            layers.Conv2D(64, 5, activation="relu", name="conv2"),
-            layers.MaxPooling2D(2, strides=2, name="pool1"),
-            layers.Conv2D(64, 5, activation="relu", name="conv3"),
-            layers.MaxPooling2D(2, strides=2, name="pool2"),
-            layers.Flatten(name="flatten"),
-            layers.Dense(512, activation="relu", name="fc1"),
-            layers.Dense(num_classes, activation="softmax", dtype="float32", name="fc2"),
-        ],
-        name="net2",
-    )
+    stack: list[Any] = [keras.Input(shape=input_shape, name="image")]
+    convs = 0
+    for pool, filters in enumerate(stages, start=1):
+        for width in filters:
+            convs += 1
+            stack.append(layers.Conv2D(width, kernel, activation="relu", name=f"conv{convs}"))
+        stack.append(layers.MaxPooling2D(2, strides=2, name=f"pool{pool}"))
+    stack += [
+        layers.Flatten(name="flatten"),
+        layers.Dense(512, activation="relu", name="fc1"),
+        layers.Dense(num_classes, activation="softmax", dtype="float32", name="fc2"),
+    ]
+    return keras.Sequential(stack, name=name)
 
 
 def build_net3(

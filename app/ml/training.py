@@ -2,6 +2,13 @@
 
 No database and no HTTP here: the worker passes callbacks (`on_epoch`, `should_stop`) and a
 checkpoint folder; the CLI passes nothing and gets a progress bar.
+
+train() runs in four phases: `prepare` (the data subset, the validation split, the precision,
+the seed), `build_or_resume` (a fresh compiled model, or the checkpoint's), `fit` (the
+trainer of app/ml/loops.py that the loop names, with the service's callbacks; a cancel ends
+it) and `result` (the TrainResult). Importing this module loads no framework, because the
+worker reads checkpoints and configures the GPU through it before Keras may load: the
+phases that need Keras import it (or a module that imports it) at their top.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,13 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.ml import backend
+from app.ml import backend, loops
 from app.ml.data import Cifar10, subset
 from app.ml.nets import get_net
 from app.ml.params import TrainConfig
 
 if TYPE_CHECKING:
     import keras
+
+    from app.ml.callbacks import EarlyStoppingRestore
 
 CHECKPOINT_MODEL = "checkpoint.keras"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -64,10 +72,6 @@ class TrainResult:
     # Early stopping (issue 11): the epoch whose weights the model holds, and where it stopped.
     best_epoch: int | None = None
     stopped_epoch: int | None = None
-
-
-class _Cancelled(Exception):
-    """Raised inside fit() to leave at once, skipping the epoch's validation pass."""
 
 
 # ---------------------------------------------------------------------------- devices
@@ -240,65 +244,48 @@ def split_validation(
     return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
-# ---------------------------------------------------------------------------- callbacks
-def _make_callback(
-    n_train: int,
-    on_epoch: Callable[[EpochRecord], None] | None,
-    should_stop: Callable[[], bool] | None,
-    checkpoint_dir: Path | None,
-    records: list[EpochRecord],
-    earlier: list[EpochRecord],
-) -> Any:
-    import keras
-
-    class _Reporter(keras.callbacks.Callback):
-        """Times each epoch, checks for cancel after every batch, checkpoints, then reports."""
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._start = time.perf_counter()
-            self._train_end = self._start
-
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            self._train_end = time.perf_counter()
-            if should_stop is not None and should_stop():
-                raise _Cancelled()
-
-        def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            # The epoch's validation pass stops as promptly as training (cancel, shutdown).
-            if should_stop is not None and should_stop():
-                raise _Cancelled()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            loss = float(logs["loss"])
-            if math.isnan(loss) or math.isinf(loss):
-                raise TrainingError(
-                    f"the training loss became {loss} in epoch {epoch + 1}; "
-                    "lower the learning rate or use precision=float32"
-                )
-            train_seconds = max(self._train_end - self._start, 1e-9)
-            val_loss, val_acc = logs.get("val_loss"), logs.get("val_accuracy")
-            rate = logs.get("learning_rate")
-            record = EpochRecord(
-                epoch=epoch + 1,
-                loss=loss,
-                accuracy=float(logs["accuracy"]),
-                val_loss=None if val_loss is None else float(val_loss),
-                val_accuracy=None if val_acc is None else float(val_acc),
-                seconds=time.perf_counter() - self._start,
-                images_per_second=n_train / train_seconds,
-                learning_rate=None if rate is None else float(rate),
-            )
-            if checkpoint_dir is not None:
-                _write_checkpoint(self.model, checkpoint_dir, [*earlier, *records, record])
-            records.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-
-    return _Reporter()
-
-
 # ---------------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class RunOptions:
+    """train()'s keyword arguments: what the caller plugs into the epochs, and how they run."""
+
+    on_epoch: Callable[[EpochRecord], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    checkpoint_dir: Path | None = None
+    verbose: int = 0
+    steps_per_execution: int | None = None  # None: the trainer's default for the device
+    callbacks: tuple[Any, ...] = ()  # further Keras callbacks, after the service's
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """What `prepare` hands on: the images a run trains and validates on, and its precision."""
+
+    x_train: np.ndarray  # uint8
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    precision: str
+
+
+@dataclass(frozen=True)
+class Start:
+    """What `build_or_resume` hands on: the model to train and the epochs it already holds."""
+
+    model: keras.Model
+    initial_epoch: int  # 0 for a fresh model
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What `fit` hands on: the epochs it ran and how it ended."""
+
+    records: list[EpochRecord]
+    cancelled: bool
+    best_epoch: int | None = None
+    stopped_epoch: int | None = None
+
+
 def train(
     config: TrainConfig,
     data: Cifar10,
@@ -321,12 +308,27 @@ def train(
     steps_per_execution defaults per loop and device. `callbacks` are further Keras
     callbacks, driven by every loop as `fit` drives them (after the service's reporter).
     """
+    configure_devices()
+    trainer = loops.choose_trainer(loop)
+    options = RunOptions(
+        on_epoch=on_epoch,
+        should_stop=should_stop,
+        checkpoint_dir=checkpoint_dir,
+        verbose=verbose,
+        steps_per_execution=steps_per_execution,
+        callbacks=tuple(callbacks),
+    )
+    prepared = prepare(config, data)
+    start = build_or_resume(config, prepared, checkpoint_dir)
+    fitted = fit(config, trainer, prepared, start, options)
+    return result(prepared, start, fitted)
+
+
+def prepare(config: TrainConfig, data: Cifar10) -> Prepared:
+    """The run's precision, its images (the train_limit subset, then the validation split),
+    and the seed of every random draw that follows (initial weights, shuffles, augmentation)."""
     import keras
 
-    from app.ml import loops
-
-    configure_devices()
-    loop = loops.choose_loop(loop)
     precision = resolve_precision(config.precision)
     if config.train_limit is not None:
         data = subset(data, config.train_limit, seed=config.seed)
@@ -335,86 +337,149 @@ def train(
         np.asarray(data.y_train).reshape(-1),
         config.validation_split,
     )
+    keras.utils.set_random_seed(config.seed)
+    return Prepared(x_train, y_train, x_val, y_val, precision)
 
-    from app.ml.callbacks import EarlyStoppingRestore, LearningRateLogger, early_stopped
+
+def build_or_resume(config: TrainConfig, prepared: Prepared, checkpoint_dir: Path | None) -> Start:
+    """The newest checkpoint's model (with its optimizer state), else a fresh compiled one."""
+    import keras
+
     from app.ml.optim import steps_per_epoch
 
-    keras.utils.set_random_seed(config.seed)
     done = checkpoint_epoch(checkpoint_dir)
-    if done:
-        assert checkpoint_dir is not None
-        model = keras.saving.load_model(checkpoint_model_path(checkpoint_dir))
-    else:
-        model = build_compiled(config, precision, steps_per_epoch(len(x_train), config.batch_size))
+    if done and checkpoint_dir is not None:
+        return Start(keras.saving.load_model(checkpoint_model_path(checkpoint_dir)), done)
+    steps = steps_per_epoch(len(prepared.x_train), config.batch_size)
+    return Start(build_compiled(config, prepared.precision, steps), 0)
 
-    records: list[EpochRecord] = []
-    cancelled = False
+
+def fit(
+    config: TrainConfig,
+    trainer: loops.Trainer,
+    prepared: Prepared,
+    start: Start,
+    options: RunOptions,
+) -> Fitted:
+    """Train the epochs after start.initial_epoch with `trainer` and the service's callbacks.
+
+    A cancel (options.should_stop) ends it inside an epoch, which is then never reported. A
+    run that had already finished, or stopped early, trains nothing: early stopping only
+    hands back its best weights.
+    """
+    from app.ml.callbacks import (
+        Cancelled,
+        EarlyStoppingRestore,
+        EpochReporter,
+        LearningRateLogger,
+        early_stopped,
+    )
+
     stopper = (
-        EarlyStoppingRestore(config.early_stopping_patience, state_dir=checkpoint_dir)
+        EarlyStoppingRestore(config.early_stopping_patience, state_dir=options.checkpoint_dir)
         if config.early_stopping_patience is not None
         else None
     )
-    if done < config.epochs and not early_stopped(checkpoint_dir):
-        earlier = checkpoint_records(checkpoint_dir) if done else []
-        reporter = _make_callback(
-            len(x_train), on_epoch, should_stop, checkpoint_dir, records, earlier
-        )
-        common: dict[str, Any] = {
-            "batch_size": config.batch_size,
-            "epochs": config.epochs,
-            "initial_epoch": done,
-            # Order matters: the rate goes into the logs before the reporter reads them,
-            # and early stopping decides after the epoch is checkpointed and reported.
-            "callbacks": [
-                LearningRateLogger(),
-                reporter,
-                *([stopper] if stopper else []),
-                *callbacks,
-            ],
-            "verbose": verbose,
-        }
-        steps = math.ceil(len(x_train) / config.batch_size)
-        spe = steps_per_execution or loops.default_steps_per_execution(loop, steps)
-        try:
-            if loop == "fit":
-                loops.run_fit(
-                    model, x_train, y_train, x_val, y_val, steps_per_execution=spe, **common
-                )
-            elif loop == "data":
-                loops.run_data(
-                    model,
-                    x_train,
-                    y_train,
-                    x_val,
-                    y_val,
-                    steps_per_execution=spe,
-                    seed=config.seed,
-                    **common,
-                )
-            else:
-                loops.run_device(
-                    model,
-                    x_train,
-                    y_train,
-                    x_val,
-                    y_val,
-                    steps_per_execution=spe,
-                    seed=config.seed,
-                    **common,
-                )
-        except _Cancelled:
-            cancelled = True
-    elif stopper is not None:  # resumed after the last epoch: hand back the best weights
-        stopper.set_model(model)
-        stopper.on_train_begin()
-        stopper.on_train_end()
-    return TrainResult(
-        model=model if cancelled else export_model(model),
-        epochs=records,
-        cancelled=cancelled,
-        device=describe_device(),
-        precision=precision,
-        resumed_from_epoch=done,
-        best_epoch=None if stopper is None else stopper.best_epoch,
-        stopped_epoch=None if stopper is None else stopper.stopped_epoch,
+    if start.initial_epoch >= config.epochs or early_stopped(options.checkpoint_dir):
+        if stopper is not None:  # resumed after the last epoch: hand back the best weights
+            stopper.set_model(start.model)
+            stopper.on_train_begin()
+            stopper.on_train_end()
+        return _fitted([], False, stopper)
+    earlier = checkpoint_records(options.checkpoint_dir) if start.initial_epoch else []
+    epochs = _EpochLog(start.model, len(prepared.x_train), earlier, options)
+    steps = math.ceil(len(prepared.x_train) / config.batch_size)
+    plan = loops.FitPlan(
+        model=start.model,
+        x_train=prepared.x_train,
+        y_train=prepared.y_train,
+        x_val=prepared.x_val,
+        y_val=prepared.y_val,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        initial_epoch=start.initial_epoch,
+        # Order matters: the rate goes into the logs before the reporter reads them,
+        # and early stopping decides after the epoch is checkpointed and reported.
+        callbacks=(
+            LearningRateLogger(),
+            EpochReporter(epochs.report, options.should_stop),
+            *([stopper] if stopper else []),
+            *options.callbacks,
+        ),
+        steps_per_execution=(
+            options.steps_per_execution or trainer.default_steps_per_execution(steps)
+        ),
+        seed=config.seed,
+        verbose=options.verbose,
     )
+    try:
+        trainer.fit(plan)
+    except Cancelled:
+        return _fitted(epochs.records, True, stopper)
+    return _fitted(epochs.records, False, stopper)
+
+
+def _fitted(
+    records: list[EpochRecord], cancelled: bool, stopper: EarlyStoppingRestore | None
+) -> Fitted:
+    if stopper is None:
+        return Fitted(records, cancelled)
+    return Fitted(records, cancelled, stopper.best_epoch, stopper.stopped_epoch)
+
+
+def result(prepared: Prepared, start: Start, fitted: Fitted) -> TrainResult:
+    """The TrainResult; a finished run's model is exported (the plain net), a cancelled one's not."""
+    return TrainResult(
+        model=start.model if fitted.cancelled else export_model(start.model),
+        epochs=fitted.records,
+        cancelled=fitted.cancelled,
+        device=describe_device(),
+        precision=prepared.precision,
+        resumed_from_epoch=start.initial_epoch,
+        best_epoch=fitted.best_epoch,
+        stopped_epoch=fitted.stopped_epoch,
+    )
+
+
+class _EpochLog:
+    """The service's side of each finished epoch: its record, checkpoint and on_epoch call."""
+
+    def __init__(
+        self, model: keras.Model, n_train: int, earlier: list[EpochRecord], options: RunOptions
+    ) -> None:
+        self.model = model
+        self.n_train = n_train
+        self.earlier = earlier  # the epochs before a resume: every checkpoint holds them all
+        self.checkpoint_dir = options.checkpoint_dir
+        self.on_epoch = options.on_epoch
+        self.records: list[EpochRecord] = []
+
+    def report(
+        self, epoch: int, logs: dict[str, Any], seconds: float, train_seconds: float
+    ) -> None:
+        """EpochReporter's `report`: record the epoch, checkpoint it, then tell the caller."""
+        loss = float(logs["loss"])
+        if math.isnan(loss) or math.isinf(loss):
+            raise TrainingError(
+                f"the training loss became {loss} in epoch {epoch + 1}; "
+                "lower the learning rate or use precision=float32"
+            )
+        val_loss, val_acc = logs.get("val_loss"), logs.get("val_accuracy")
+        rate = logs.get("learning_rate")
+        record = EpochRecord(
+            epoch=epoch + 1,
+            loss=loss,
+            accuracy=float(logs["accuracy"]),
+            val_loss=None if val_loss is None else float(val_loss),
+            val_accuracy=None if val_acc is None else float(val_acc),
+            seconds=seconds,
+            images_per_second=self.n_train / train_seconds,
+            learning_rate=None if rate is None else float(rate),
+        )
+        if self.checkpoint_dir is not None:
+            _write_checkpoint(
+                self.model, self.checkpoint_dir, [*self.earlier, *self.records, record]
+            )
+        self.records.append(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)

@@ -1,16 +1,19 @@
-"""The overlaid validation curves of several jobs (GET /compare.png, the report)."""
+"""The overlaid validation curves of several jobs (GET /compare.png, the report).
+
+matplotlib is imported by this module (through app.ml.plots): import it lazily.
+"""
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from app.ml.nets import NETS
+from app.ml.plots import epoch_panels, finish_panel, png_bytes
+
 
 def label(row: dict[str, Any]) -> str:
-    from app.ml.nets import NETS
-
     spec = NETS.get(row["net"])
     title = spec.title if spec else row["net"]
     return f"{title} ({row['id'][:8]})"
@@ -18,16 +21,10 @@ def label(row: dict[str, Any]) -> str:
 
 def compare_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
     """Two panels, validation accuracy and validation loss per epoch, one line per job."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(11, 4.2), dpi=100)
+    fig, (left, right) = epoch_panels(11, 4.2)
     panels = (
-        (fig.add_subplot(1, 2, 1), "val_accuracy", "Validation accuracy"),
-        (fig.add_subplot(1, 2, 2), "val_loss", "Validation loss"),
+        (left, "val_accuracy", "Validation accuracy"),
+        (right, "val_loss", "Validation loss"),
     )
     for ax, key, name in panels:
         for row in rows:
@@ -39,15 +36,5 @@ def compare_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
             best = row.get("best_epoch")
             if best is not None and key == "val_loss":
                 ax.plot([best], [ys[best - 1]], "*", markersize=12, color=line.get_color())
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(name + (" (star: lowest)" if key == "val_loss" else ""))
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+        finish_panel(ax, name + (" (star: lowest)" if key == "val_loss" else ""))
+    return png_bytes(fig, title)

@@ -29,6 +29,39 @@ def test_bad_builder_arguments_raise_value_error():
         build_net("net1", num_classes=1)
 
 
+def test_net1_and_net2_layers_in_order():
+    """NET I and NET II share one builder; each keeps the layers (and names) of its exercise."""
+    import keras
+
+    # Each layer as name:parameters (pools and flatten have none), in order.
+    expected = {
+        "net1": "conv1:896 pool1 conv2:18496 pool2 conv3:36928 pool3 flatten fc1:131584 fc2:5130",
+        "net2": "conv1:2432 conv2:51264 pool1 conv3:102464 pool2 flatten fc1:524800 fc2:5130",
+    }
+    kinds = {"conv": "Conv2D", "pool": "MaxPooling2D", "flatten": "Flatten", "fc": "Dense"}
+    for name, layers in expected.items():
+        model = build_net(name)
+        assert model.name == name
+        got = [
+            f"{layer.name}:{layer.count_params()}" if layer.count_params() else layer.name
+            for layer in model.layers
+        ]
+        assert " ".join(got) == layers
+        assert all(
+            type(layer).__name__ == kinds[layer.name.rstrip("0123456789")] for layer in model.layers
+        )
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            mixed = build_net(name)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        # The softmax stays float32 under mixed precision; the rest follows the policy.
+        assert [layer.dtype_policy.name for layer in mixed.layers[-2:]] == [
+            "mixed_bfloat16",
+            "float32",
+        ]
+
+
 def test_total_params_match_the_issue_and_keras(summary):
     assert summary.total_params == EXPECTED_PARAMS[summary.net]
     assert summary.keras_total_params == EXPECTED_PARAMS[summary.net]
