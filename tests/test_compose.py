@@ -3,8 +3,8 @@
 docker-compose.yml parses; the services docs/deploy.md names exist; every long-running
 service has a health check whose command exists in its image, and start-up waits for
 health, the bucket and the migration; commands are real entry points; every environment
-key of an app service is a Settings field (or a variable deploy/environment.yaml names)
-and the values validate; no volume is shared between app containers (the artifacts live in
+key of an app service is a Settings field (or a variable deploy/environment.yaml names;
+tests/test_k8s.py watches its `pending` list) and the values validate; no volume is shared between app containers (the artifacts live in
 the S3 bucket); the proxy in front of the API replicas streams server-sent events
 unbuffered with long read timeouts, for every event route the app has; secrets are
 required, not defaulted; Dockerfile.gpu builds on the TensorFlow GPU image of the pinned
@@ -265,16 +265,6 @@ def test_app_environment_is_settings_fields_and_validates(service):
     assert settings.DATABASE_URL.startswith("postgresql+psycopg://")
     assert settings.CELERY_BROKER_URL.startswith("redis://redis:")
     assert not settings.embedded_broker
-
-
-@pytest.mark.parametrize("name", sorted(ENVIRONMENT["pending"]))
-@pytest.mark.xfail(
-    strict=True,
-    reason="a setting another branch of this round adds: once it is a Settings field this "
-    "passes, and the entry must leave deploy/environment.yaml's `pending`",
-)
-def test_pending_settings_are_settings_fields(name):
-    assert name in Settings.model_fields
 
 
 def test_no_volume_is_shared_between_app_containers():
