@@ -20,6 +20,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -27,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from app.ml.options import Option
 from app.ml.params import INT32_MAX, MAX_EPOCHS, OPTIONS
 from app.schemas import JobCreate, UtcDatetime
+from app.sweeps.ablation import BASELINE, TARGET
 
 # Every input has an upper bound; these are the schema's own (the settings may lower some).
 MAX_SPACE_PARAMS = 12
@@ -193,6 +195,18 @@ class Pruner(BaseModel):
 
 
 # ----------------------------------------------------------------------------- requests
+def _every_field_optional(model: type[BaseModel], title: str) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema.pop("required", None)
+    schema.pop("examples", None)
+    return {**schema, "title": title}
+
+
+# An ablation side: any POST /jobs options, each optional (the side's defaults fill the
+# rest), validated as JobCreate once merged.
+JobOptions = Annotated[JobCreate, WithJsonSchema(_every_field_optional(JobCreate, "JobOptions"))]
+
+
 class SearchCreate(BaseModel):
     """A hyperparameter search: trials sampled from `space` over the `base` job."""
 
@@ -274,13 +288,15 @@ class AblationCreate(BaseModel):
     )
     seed: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
     train_limit: Annotated[int | None, Field(ge=10, le=INT32_MAX)] = None
-    baseline: JobCreate = Field(
+    baseline: JobOptions = Field(
+        default_factory=lambda: JobCreate.model_validate(BASELINE),
         description="Options over NET III with the course's settings (net3, Adam 0.001, "
-        "batch 128, 20% validation, constant rate, no levers)."
+        "batch 128, 20% validation, constant rate, no levers).",
     )
-    target: JobCreate = Field(
+    target: JobOptions = Field(
+        default_factory=lambda: JobCreate.model_validate(TARGET),
         description="Options over NET IV's recipe (net4, AdamW 0.003 with weight decay 0.05, "
-        "batch 256, 10% validation, one-cycle, crop 4 + flip, label smoothing 0.2)."
+        "batch 256, 10% validation, one-cycle, crop 4 + flip, label smoothing 0.2).",
     )
     parallelism: Annotated[int, Field(ge=1, le=MAX_PARALLELISM)] = 1
     objective: Objective = Field(default_factory=Objective)
@@ -289,8 +305,6 @@ class AblationCreate(BaseModel):
     @classmethod
     def _over_the_defaults(cls, data: Any) -> Any:
         """baseline and target are options over their defaults; the budget is shared."""
-        from app.sweeps.ablation import BASELINE, TARGET
-
         if not isinstance(data, dict):
             return data
         data = dict(data)

@@ -14,12 +14,13 @@ job and writing the trial row leaves a job the next one adopts.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import ColumnElement, func, or_, select, update
@@ -54,6 +55,9 @@ from app.sweeps.schemas import (
     SweepCreate,
     grid_values,
 )
+
+if TYPE_CHECKING:
+    from app.sweeps.study import TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +98,6 @@ def _search_corners(spec: SearchCreate) -> Iterable[dict[str, Any]]:
     for values in grids.values():
         size = size * len(values) if values is not None else CHECK_ALL_POINTS_UP_TO + 1
     if size <= CHECK_ALL_POINTS_UP_TO:
-        import itertools
-
         names = list(grids)
         for point in itertools.product(*(grids[name] or [] for name in names)):
             yield base | dict(zip(names, point, strict=True))
@@ -286,7 +288,7 @@ def epochs_of(session: Session, sweep_id: uuid.UUID) -> dict[int, list[EpochMetr
     return found
 
 
-def records(session: Session, sweep: Sweep, spec: SearchCreate) -> list[Any]:
+def records(session: Session, sweep: Sweep, spec: SearchCreate) -> list[TrialRecord]:
     """The sweep's trials as app.sweeps.study.TrialRecord (rows + the objective per epoch)."""
     from app.sweeps.study import TrialRecord
 
