@@ -624,8 +624,8 @@ async function pageSweep(id) {
       h("span", { class: "spacer" }),
       s.status === "running" ? h("button", { class: "danger", id: "sweep-cancel", onclick: async () => {
         try { await api(`/sweeps/${id}/cancel`, { method: "POST" }); toast("Sweep cancelled"); draw(); } catch (err) { toast(err.message, true); }
-      } }, "Cancel sweep") : null),
-      s.error ? h("p", { class: "error" }, s.error) : null);
+      } }, "Cancel sweep") : null));
+    if (s.error) header.append(h("p", { class: "error", id: "sweep-error" }, s.error));
 
     best.innerHTML = "";
     best.append(h("h2", {}, "Best trial (by validation)"));
