@@ -172,6 +172,22 @@ class ApiClient:
                     raise
                 time.sleep(wait)
 
+    # ------------------------------------------------------------------ sweeps
+    def submit_sweep(self, spec: dict[str, Any]) -> Any:
+        return self.request("POST", "/sweeps", json=spec).json()
+
+    def list_sweeps(self, **filters: Any) -> Any:
+        return self.get("/sweeps", **filters)
+
+    def sweep(self, sweep_id: str) -> Any:
+        return self.get(f"/sweeps/{sweep_id}")
+
+    def cancel_sweep(self, sweep_id: str) -> Any:
+        return self.request("POST", f"/sweeps/{sweep_id}/cancel").json()
+
+    def sweep_png(self, sweep_id: str) -> bytes:
+        return self.request("GET", f"/sweeps/{sweep_id}.png").content
+
     # ------------------------------------------------------------------ models
     def list_models(self) -> Any:
         return self.get("/models")

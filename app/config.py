@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     # epochs x training images (50,000 for all of CIFAR-10): 200 full epochs by default.
     JOB_MAX_IMAGE_EPOCHS: int = Field(default=10_000_000, ge=1)
 
+    # Sweeps (docs/sweeps.md): the trials one sweep may ask, how many of its trials may be
+    # queued or running at once, and the sweeps one key may have running. A sweep's trials
+    # are the key's jobs, so MAX_ACTIVE_JOBS_PER_KEY bounds them too.
+    SWEEP_MAX_TRIALS: int = Field(default=100, ge=1, le=10_000)
+    SWEEP_MAX_PARALLEL: int = Field(default=4, ge=1, le=64)
+    MAX_ACTIVE_SWEEPS_PER_KEY: int = Field(default=2, ge=1)
+
     @property
     def database_url(self) -> str:
         """The configured URL, or the embedded SQLite file."""

@@ -60,6 +60,11 @@ STATUS: dict[str, int] = {
     # compare and report (issue 11)
     "invalid_job_ids": 422,
     "job_not_finished": 409,
+    # sweeps (issue 20)
+    "sweep_not_found": 404,
+    "no_finished_trials": 404,
+    "sweep_too_large": 422,
+    "sweep_terminal": 409,
     # nets, models and artifacts
     "unknown_net": 404,
     "model_not_found": 404,
@@ -175,6 +180,23 @@ class JobTooLarge(DomainError, code="job_too_large"):
 
 class QuotaExceeded(DomainError, code="quota_exceeded"):
     """The key has MAX_ACTIVE_JOBS_PER_KEY queued-or-running jobs."""
+
+
+# ----------------------------------------------------------------------------- sweeps
+class SweepNotFound(DomainError, code="sweep_not_found"):
+    """No sweep has this id."""
+
+
+class NoFinishedTrials(DomainError, code="no_finished_trials"):
+    """GET /sweeps/{id}.png before any trial has a value to plot."""
+
+
+class SweepTooLarge(DomainError, code="sweep_too_large"):
+    """Past SWEEP_MAX_TRIALS or SWEEP_MAX_PARALLEL."""
+
+
+class SweepTerminal(DomainError, code="sweep_terminal"):
+    """Cancelling a sweep that already finished or was cancelled."""
 
 
 # ----------------------------------------------------------------------------- models

@@ -25,6 +25,7 @@ from app.api import (
     nets,
     predict,
     summary,
+    sweeps,
 )
 from app.api.deps import ReadAccess
 from app.api.limits import install_limits
@@ -185,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predict.router,
         keys.router,
         compare.router,
+        sweeps.router,
     ):
         app.include_router(router)
     # /metrics takes the read scope unless the operator opened it to a private Prometheus.

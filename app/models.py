@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 ORM models: jobs, their epochs and evaluation, and the model registry.
+"""SQLAlchemy 2.0 ORM models: jobs, their epochs and evaluation, the model registry, sweeps.
 
 Schema changes go through Alembic (migrations/); the application never calls create_all.
 """
@@ -272,3 +272,71 @@ class JobEvent(Base):
     epoch_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Sweep(Base):
+    """A hyperparameter search or an ablation: a request that becomes trials, each a job.
+
+    `spec` is the validated request (app.sweeps.spec.SweepSpec), the one declaration of what
+    the sweep runs; the columns beside it are what queries filter and the advancers fence on.
+    """
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(16))  # "search" or "ablation"
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running, finished, cancelled
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    max_trials: Mapped[int] = mapped_column(Integer)
+    parallelism: Mapped[int] = mapped_column(Integer)
+    # The key that created the sweep; its trials are that key's jobs (ownership, quotas).
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    trials: Mapped[list[SweepTrial]] = relationship(
+        back_populates="sweep", order_by="SweepTrial.number", cascade="all, delete-orphan"
+    )
+
+
+class SweepTrial(Base):
+    """One trial of a sweep: the options it asked for, the job that runs them, the outcome.
+
+    (sweep_id, number) is unique: it is where concurrent advancers meet, so a trial number is
+    asked once. `state` uses Optuna's names (running, complete, pruned, fail); `system_attrs`
+    keeps what Optuna's sampler and pruner wrote about the trial, so the study can be
+    rebuilt from these rows at any time (app/sweeps/study.py).
+    """
+
+    __tablename__ = "sweep_trials"
+    __table_args__ = (
+        UniqueConstraint("sweep_id", "number", name="uq_sweep_trials_sweep_id_number"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)  # 0-based, as Optuna counts trials
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True, unique=True
+    )
+    # Ablations: the trial's role in the plan ("baseline", "target-label_smoothing", ...).
+    role: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Optuna's distribution of each parameter (distribution_to_json), for the rebuilt study.
+    distributions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    system_attrs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    value_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pruned_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    sweep: Mapped[Sweep] = relationship(back_populates="trials")
+    job: Mapped[Job | None] = relationship()

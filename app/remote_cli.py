@@ -1,9 +1,11 @@
-"""`cnn jobs ...`, `cnn models ...` and `cnn predict --remote`: the service from a terminal.
+"""`cnn jobs ...`, `cnn sweeps ...`, `cnn models ...` and `cnn predict --remote`: the service
+from a terminal.
 
 The URL and key come from `--url` / `--api-key` or CNN_URL / CNN_API_KEY (default URL
 http://127.0.0.1:8000). Output is for people by default; `--json` prints the service's JSON
-answer instead. Exit codes: 0 done (for `watch`: the job succeeded), 1 the job failed,
-3 the job was cancelled, 2 an error (the service's message is printed on stderr).
+answer instead. Exit codes: 0 done (for `watch`: the job succeeded, the sweep finished), 1 the
+job failed (`sweeps best`: no complete trial), 3 the job or sweep was cancelled, 2 an error
+(the service's message is printed on stderr).
 """
 
 from __future__ import annotations
@@ -260,6 +262,176 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- sweeps
+def _sweep_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The POST /sweeps body: a JSON file (or - for stdin), or `--ablation`; the flags given
+    replace the file's fields."""
+    spec: dict[str, Any] = {}
+    if args.spec:
+        text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{args.spec} is not JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{args.spec} must hold one JSON object (a POST /sweeps body)")
+    if args.ablation:
+        spec["kind"] = "ablation"
+    if not spec:
+        raise ValueError("give a JSON file with the sweep (see docs/sweeps.md) or --ablation")
+    for name in ("name", "epochs", "train_limit", "seed", "parallelism", "max_trials"):
+        value = getattr(args, name, None)
+        if value is not None:
+            spec[name] = value
+    return spec
+
+
+def _counts(sweep: dict[str, Any]) -> str:
+    c = sweep["counts"]
+    done = c["complete"] + c["pruned"] + c["fail"]
+    return f"{done}/{sweep['max_trials']}"
+
+
+def _value(value: Any) -> str:
+    return _num(value) if isinstance(value, int | float) else "-"
+
+
+def _sweeps_table(body: dict[str, Any]) -> str:
+    rows = [
+        [
+            s["id"],
+            s["kind"],
+            s["status"],
+            _counts(s),
+            str(s["counts"]["running"]),
+            str(s["counts"]["pruned"]),
+            str(s["counts"]["fail"]),
+            f"{s['objective']['metric']} {_value(s['best_value'])}",
+            _time(s.get("created_at")),
+        ]
+        for s in body["sweeps"]
+    ]
+    if not rows:
+        return "no sweeps"
+    header = ["ID", "KIND", "STATUS", "TRIALS", "RUNNING", "PRUNED", "FAILED", "BEST", "CREATED"]
+    shown = f"\n({len(rows)} of {body['total']})" if body["total"] > len(rows) else ""
+    return _table(rows, header) + shown
+
+
+def _trial_line(trial: dict[str, Any], metric: str) -> str:
+    what = trial.get("role") or ", ".join(f"{k}={v}" for k, v in sorted(trial["params"].items()))
+    line = f"trial {trial['number']} {trial['state']}: {what}"
+    if trial.get("value") is not None:
+        line += f"  {metric} {_num(trial['value'])} (epoch {trial.get('value_epoch')})"
+    if trial.get("pruned_epoch") is not None:
+        line += f"  pruned after epoch {trial['pruned_epoch']}"
+    if trial["state"] == "fail" and trial.get("error"):
+        line += f"  ({trial['error']})"
+    return line
+
+
+def _sweep_text(sweep: dict[str, Any]) -> str:
+    metric = sweep["objective"]["metric"]
+    lines = [
+        f"sweep {sweep['id']} ({sweep['kind']}) {sweep['status']}: {_counts(sweep)} trials, "
+        f"objective {sweep['objective']['direction']} {metric}"
+    ]
+    lines += [_trial_line(t, metric) for t in sweep["trials"]]
+    best = sweep.get("best_trial")
+    if best:
+        lines.append(f"best: {_trial_line(best, metric)}")
+    if sweep.get("importances"):
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in sweep["importances"].items())
+        lines.append(f"importances: {shown}")
+    if sweep.get("error"):
+        lines.append(f"error: {sweep['error']}")
+    return "\n".join(lines)
+
+
+def cmd_sweeps_submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sweep = client.submit_sweep(_sweep_spec(args))
+    _print(
+        args,
+        sweep,
+        lambda s: (
+            f"sweep {s['id']} {s['status']}: {s['kind']}, up to {s['max_trials']} trials, "
+            f"{s['parallelism']} at a time\nfollow it with: cnn sweeps watch {s['id']}"
+        ),
+    )
+    if args.watch and not args.json:
+        args.sweep_id = sweep["id"]
+        return cmd_sweeps_watch(args)
+    return EXIT_OK
+
+
+def cmd_sweeps_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        body = client.list_sweeps(status=args.status, kind=args.kind, limit=args.limit)
+    _print(args, body, _sweeps_table)
+    return EXIT_OK
+
+
+def cmd_sweeps_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(args, client.sweep(args.sweep_id), _sweep_text)
+    return EXIT_OK
+
+
+def cmd_sweeps_watch(args: argparse.Namespace) -> int:
+    """A line per trial as it starts and ends, until the sweep ends; exit code by outcome."""
+    import time
+
+    seen: dict[int, str] = {}
+    with _client(args) as client:
+        while True:
+            sweep = client.sweep(args.sweep_id)
+            metric = sweep["objective"]["metric"]
+            for trial in sweep["trials"]:
+                if seen.get(trial["number"]) != trial["state"]:
+                    seen[trial["number"]] = trial["state"]
+                    if args.json:
+                        print(json.dumps(trial))
+                    else:
+                        print(_trial_line(trial, metric))
+                    sys.stdout.flush()
+            if sweep["status"] != "running" and not sweep["counts"]["running"]:
+                break
+            time.sleep(args.interval)
+    if not args.json:
+        print(f"sweep {args.sweep_id} {sweep['status']}")
+        if sweep.get("best_trial"):
+            print(f"best: {_trial_line(sweep['best_trial'], metric)}")
+    return EXIT_CANCELLED if sweep["status"] == "cancelled" else EXIT_OK
+
+
+def cmd_sweeps_best(args: argparse.Namespace) -> int:
+    """The best complete trial by the objective (a validation metric)."""
+    with _client(args) as client:
+        sweep = client.sweep(args.sweep_id)
+    best = sweep.get("best_trial")
+    if args.json:
+        print(json.dumps(best, indent=2))
+    elif best is None:
+        print(f"sweep {sweep['id']} has no complete trial yet")
+    else:
+        metric = sweep["objective"]["metric"]
+        print(_trial_line(best, metric))
+        print(
+            f"job {best['job_id']}  test accuracy {_pct(best.get('test_accuracy'))} (not used to choose)"
+        )
+        for name, value in sorted(best["params"].items()):
+            print(f"  {name} = {value}")
+    return EXIT_OK if best else EXIT_FAILED
+
+
+def cmd_sweeps_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sweep = client.cancel_sweep(args.sweep_id)
+    _print(args, sweep, lambda s: f"sweep {s['id']} {s['status']}")
+    return EXIT_OK
+
+
 def _models_text(body: dict[str, Any]) -> str:
     rows = [
         [
@@ -367,7 +539,7 @@ def connection_options() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: Any) -> None:
-    """Add `jobs` and `models` to the `cnn` parser's subcommands."""
+    """Add `jobs`, `sweeps` and `models` to the `cnn` parser's subcommands."""
     common = connection_options()
 
     jobs = sub.add_parser("jobs", help="training jobs on a running service")
@@ -407,6 +579,37 @@ def add_commands(sub: Any) -> None:
     ):
         p = jobs_sub.add_parser(name, parents=[common], help=text)
         p.add_argument("job_id")
+        p.set_defaults(func=func)
+
+    sweeps = sub.add_parser("sweeps", help="hyperparameter sweeps and ablations")
+    sweeps_sub = sweeps.add_subparsers(dest="sweeps_command", required=True)
+    p = sweeps_sub.add_parser("submit", parents=[common], help="start a sweep (docs/sweeps.md)")
+    p.add_argument("spec", nargs="?", help="a JSON file with the POST /sweeps body, - for stdin")
+    p.add_argument("--ablation", action="store_true", help="an ablation (NET III to NET IV)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--epochs", type=int, default=None, help="ablation: every job's epochs")
+    p.add_argument("--train-limit", type=int, default=None, help="ablation: training images")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--parallelism", type=int, default=None, help="trials queued or running at once")
+    p.add_argument("--max-trials", type=int, default=None, help="search: trials at most")
+    p.add_argument("--watch", action="store_true", help="then follow it like `cnn sweeps watch`")
+    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_sweeps_submit)
+    p = sweeps_sub.add_parser("list", parents=[common], help="sweeps, newest first")
+    p.add_argument("--status", default=None)
+    p.add_argument("--kind", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_sweeps_list)
+    for name, func, text in (
+        ("show", cmd_sweeps_show, "a sweep's trials, best trial and importances"),
+        ("watch", cmd_sweeps_watch, "follow a sweep until it ends (exit code by outcome)"),
+        ("best", cmd_sweeps_best, "the best trial by the objective (validation)"),
+        ("cancel", cmd_sweeps_cancel, "cancel a sweep and its queued and running trials"),
+    ):
+        p = sweeps_sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("sweep_id")
+        if name == "watch":
+            p.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
         p.set_defaults(func=func)
 
     models = sub.add_parser("models", help="the model registry of a running service")

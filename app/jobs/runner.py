@@ -101,12 +101,17 @@ class _Control:
         self._heartbeat = heartbeat
         self._next_poll = 0.0
         self.reason: StopReason | None = None
+        # Why a trial hook ended the job early (a sweep's pruner): it ends cancelled with this.
+        self.ended_early: str | None = None
 
     def lose(self) -> None:
         self.reason = self.reason or StopReason.LOST
 
+    def end_early(self, why: str) -> None:
+        self.ended_early = self.ended_early or why
+
     def should_stop(self, force: bool = False) -> bool:
-        if self.reason is not None:
+        if self.reason is not None or self.ended_early is not None:
             return True
         if self._heartbeat.lost.is_set():
             self.reason = StopReason.LOST
@@ -288,6 +293,7 @@ class _Runner:
             resolve_precision,
             train,
         )
+        from app.sweeps.trials import TrialHook
 
         job, settings = self.job, self.settings
         configure_devices()
@@ -307,10 +313,19 @@ class _Runner:
         checkpoint_dir = self.store.checkpoint_dir(job.id)
         if not self._align_checkpoint(checkpoint_dir):
             return Outcome.LOST
+        # A sweep's trial gets each stored epoch's verdict from the sweep's pruner.
+        trial = self._db(TrialHook.for_job, self.sessions)
+        if trial is not None and trial.stop_reason is not None:
+            self.control.end_early(trial.stop_reason)  # decided before this worker took over
+        self.control.checkpoint()
 
         def on_epoch(record: EpochRecord) -> None:
             if not self._db(execution.record_epoch, record, token=self.token):
                 self.control.lose()  # should_stop() ends the fit at the next batch
+                return
+            why = trial(record) if trial is not None else None
+            if why is not None:
+                self.control.end_early(why)
 
         result = train(
             config,
@@ -399,6 +414,12 @@ class _Runner:
 
     def _stopped(self) -> Outcome:
         reason = self.control.reason
+        if reason is not StopReason.LOST and self.control.ended_early is not None:
+            ended = self.control.ended_early
+            if self._db(execution.finish_cancelled, token=self.token, reason=ended):
+                self._clean_up()
+                return Outcome.CANCELLED
+            return Outcome.LOST
         if reason is StopReason.CANCEL:
             if self._db(execution.finish_cancelled, token=self.token):
                 self._clean_up()

@@ -1,6 +1,8 @@
-"""The periodic sweep, as a thread inside every worker process.
+"""The periodic sweep, as a thread inside every worker process; it also advances sweeps.
 
-Every worker sweeps (no separate beat service to deploy or to forget): a deployment that
+Every round repairs jobs (`sweep_once`) and then advances every hyperparameter sweep with
+work left (`advance_sweeps_once`: tell the trials whose jobs ended, ask new ones; see
+app/sweeps/service.py). Every worker sweeps (no separate beat service to deploy or to forget): a deployment that
 can run jobs has at least one worker, and the sweep's conditional UPDATEs make any number
 of concurrent sweepers safe. The sweep is also a task (`SWEEP_TASK` in app.jobs.queue) for
 anyone who prefers celery beat.
@@ -27,6 +29,21 @@ def send_training(settings: Settings, job_id: uuid.UUID) -> None:
         raise ConnectionError(f"the broker did not accept job {job_id}")
 
 
+def advance_sweeps_once(settings: Settings) -> None:
+    """Advance every hyperparameter sweep with work left (safe with concurrent advancers)."""
+    from app.sweeps.service import advance_all
+
+    for sweep_id, report in advance_all(session_factory(settings), settings).items():
+        if report.told or report.asked or report.finished:
+            log.info(
+                "sweep %s: told trials %s, asked trials %s%s",
+                sweep_id,
+                report.told,
+                report.asked,
+                ", finished" if report.finished else "",
+            )
+
+
 def sweep_once(settings: Settings) -> execution.SweepReport:
     with session_factory(settings)() as session:
         report = execution.sweep(
@@ -43,7 +60,7 @@ def sweep_once(settings: Settings) -> execution.SweepReport:
 
 
 class Sweeper(threading.Thread):
-    """Runs sweep_once at start and then every SWEEP_INTERVAL_S until stopped."""
+    """Runs sweep_once and advance_sweeps_once at start and then every SWEEP_INTERVAL_S."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(name="sweeper", daemon=True)
@@ -56,6 +73,10 @@ class Sweeper(threading.Thread):
                 sweep_once(self.settings)
             except Exception:  # the database may be briefly away; try again next round
                 log.exception("sweep failed")
+            try:
+                advance_sweeps_once(self.settings)
+            except Exception:
+                log.exception("advancing the sweeps failed")
             if self._halt.wait(self.settings.SWEEP_INTERVAL_S):
                 return
 

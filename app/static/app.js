@@ -1,5 +1,6 @@
 // The dashboard: plain JavaScript, no framework, no build step, no network beyond the API.
-// Pages are hash routes (#/jobs, #/job/ID, #/compare?jobs=A,B, #/nets, #/models, #/predict).
+// Pages are hash routes (#/jobs, #/job/ID, #/compare?jobs=A,B, #/sweeps, #/sweep/ID, #/nets,
+// #/models, #/predict).
 "use strict";
 
 const KEY_STORAGE = "cnn.apiKey";
@@ -180,8 +181,9 @@ function route() {
   const [path, query] = hash.split("?");
   const params = new URLSearchParams(query || "");
   const [page, arg] = path.split("/");
-  document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === (page === "job" ? "jobs" : page)));
-  const pages = { jobs: pageJobs, job: pageJob, compare: pageCompare, nets: pageNets, models: pageModels, predict: pagePredict };
+  const section = page === "job" ? "jobs" : page === "sweep" ? "sweeps" : page;
+  document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === section));
+  const pages = { jobs: pageJobs, job: pageJob, compare: pageCompare, sweeps: pageSweeps, sweep: pageSweep, nets: pageNets, models: pageModels, predict: pagePredict };
   const render = pages[page] || pageJobs;
   main().innerHTML = "";
   document.title = `CNN service · ${page}`;
@@ -530,6 +532,147 @@ async function pageCompare(_, params) {
       h("tbody", {}, rows.map((r, i) => h("tr", {}, cols.map(([, f, n]) => h("td", { class: n ? "num" : null }, f(r, i))))))));
   }
   await draw();
+}
+
+// ------------------------------------------------------------------ sweeps
+const SWEEP_EXAMPLE = {
+  kind: "search",
+  base: { net: "net1", epochs: 4, train_limit: 2000 },
+  space: {
+    learning_rate: { type: "float", low: 0.0001, high: 0.01, log: true },
+    batch_size: { type: "choice", choices: [32, 64, 128] },
+  },
+  sampler: "tpe", max_trials: 12, parallelism: 2,
+  objective: { metric: "val_accuracy", direction: "maximize" },
+  pruner: { type: "asha" }, seed: 0,
+};
+const ABLATION_EXAMPLE = { kind: "ablation", epochs: 8, parallelism: 1 };
+const trialState = (state) => h("span", { class: `badge ${state}`, "data-state": state }, state);
+const sweepCounts = (s) => `${s.counts.complete + s.counts.pruned + s.counts.fail}/${s.max_trials}`;
+
+async function pageSweeps() {
+  const text = h("textarea", { id: "sweep-json", rows: 14, spellcheck: "false" }, JSON.stringify(SWEEP_EXAMPLE, null, 2));
+  const formCard = h("div", { class: "card", id: "new-sweep", hidden: true },
+    h("h2", {}, "New sweep"),
+    h("p", { class: "muted" }, "The POST /sweeps body: a search over job options, or an ablation from NET III to NET IV (docs/sweeps.md)."),
+    text,
+    h("div", { class: "row", style: "margin-top:0.7rem" },
+      h("button", { id: "sweep-submit", onclick: async () => {
+        let body;
+        try { body = JSON.parse(text.value); } catch (err) { toast(`Not JSON: ${err.message}`, true); return; }
+        try {
+          const sweep = await api("/sweeps", { method: "POST", json: body });
+          toast(`Sweep ${shortId(sweep.id)} started`);
+          location.hash = `#/sweep/${sweep.id}`;
+        } catch (err) { if (err.status !== 401) toast(err.message, true); }
+      } }, "Start sweep"),
+      h("button", { class: "secondary", onclick: () => { text.value = JSON.stringify(SWEEP_EXAMPLE, null, 2); } }, "Search example"),
+      h("button", { class: "secondary", onclick: () => { text.value = JSON.stringify(ABLATION_EXAMPLE, null, 2); } }, "Ablation example")));
+  const tableBody = h("tbody", { id: "sweeps-body" });
+  main().append(
+    h("div", { class: "row", style: "margin-bottom:0.8rem" },
+      h("h1", { style: "margin:0" }, "Sweeps"), h("span", { class: "spacer" }),
+      h("button", { id: "new-sweep-toggle", onclick: () => { formCard.hidden = !formCard.hidden; } }, "New sweep")),
+    formCard,
+    h("div", { class: "card" },
+      h("table", { id: "sweeps-table" },
+        h("thead", {}, h("tr", {}, ["Sweep", "Kind", "Status", "Trials", "Running", "Pruned", "Failed", "Best (validation)", "Created"].map((t, i) => h("th", { class: i >= 3 && i <= 7 ? "num" : null }, t)))),
+        tableBody),
+      h("p", { class: "muted", id: "sweeps-empty", hidden: true }, "No sweeps yet: start one with “New sweep”.")));
+
+  async function refresh() {
+    const list = await api("/sweeps?limit=100");
+    tableBody.innerHTML = "";
+    $("#sweeps-empty").hidden = list.sweeps.length > 0;
+    for (const s of list.sweeps) {
+      tableBody.appendChild(h("tr", { "data-id": s.id },
+        h("td", {}, h("a", { href: `#/sweep/${s.id}`, class: "mono" }, shortId(s.id)), s.name ? h("span", { class: "muted" }, ` ${s.name}`) : null),
+        h("td", {}, s.kind), h("td", {}, badge(s.status)),
+        h("td", { class: "num" }, sweepCounts(s)), h("td", { class: "num" }, s.counts.running),
+        h("td", { class: "num" }, s.counts.pruned), h("td", { class: "num" }, s.counts.fail),
+        h("td", { class: "num" }, s.best_value === null ? "–" : `${s.objective.metric} ${num(s.best_value)}`),
+        h("td", {}, when(s.created_at))));
+    }
+  }
+  await refresh();
+  const timer = setInterval(() => refresh().catch(() => {}), 3000);
+  onLeave(() => clearInterval(timer));
+}
+
+function trialLabel(t) {
+  if (t.role) return t.role;
+  return Object.entries(t.params).map(([k, v]) => `${k}=${typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(3) : v}`).join(", ");
+}
+
+async function pageSweep(id) {
+  const header = h("div", { class: "card", id: "sweep-header" });
+  const best = h("div", { class: "card", id: "sweep-best" });
+  const curves = h("div", { class: "card" }, h("div", { id: "sweep-curves" }));
+  const picture = h("div", { class: "card", id: "sweep-picture" });
+  const table = h("div", { class: "card", id: "sweep-trials" });
+  main().append(header, h("div", { class: "grid2" }, best, curves), table, picture);
+  let pictureFor = null;
+
+  async function draw() {
+    const s = await api(`/sweeps/${id}`);
+    const metric = s.objective.metric;
+    document.title = `CNN service · sweep ${shortId(s.id)}`;
+    header.innerHTML = "";
+    header.append(h("div", { class: "row" },
+      h("h1", { style: "margin:0" }, `Sweep ${shortId(s.id)}`), s.name ? h("span", { class: "muted" }, s.name) : null, badge(s.status),
+      h("span", { class: "muted" }, `${s.kind}: ${sweepCounts(s)} trials, ${s.parallelism} at a time, ${s.objective.direction} ${metric}`),
+      h("span", { class: "spacer" }),
+      s.status === "running" ? h("button", { class: "danger", id: "sweep-cancel", onclick: async () => {
+        try { await api(`/sweeps/${id}/cancel`, { method: "POST" }); toast("Sweep cancelled"); draw(); } catch (err) { toast(err.message, true); }
+      } }, "Cancel sweep") : null));
+    if (s.error) header.append(h("p", { class: "error", id: "sweep-error" }, s.error));
+
+    best.innerHTML = "";
+    best.append(h("h2", {}, "Best trial (by validation)"));
+    if (s.best_trial) {
+      const b = s.best_trial;
+      best.append(h("dl", { class: "facts", id: "best-trial" },
+        h("dt", {}, "Trial"), h("dd", {}, `${b.number}: ${trialLabel(b)}`),
+        h("dt", {}, metric), h("dd", { id: "best-value" }, `${num(b.value)} (epoch ${b.value_epoch})`),
+        h("dt", {}, "Test accuracy"), h("dd", {}, `${pct(b.test_accuracy, 2)} (shown, not used to choose)`),
+        h("dt", {}, "Job"), h("dd", {}, h("a", { href: `#/job/${b.job_id}`, class: "mono" }, shortId(b.job_id)))));
+    } else best.append(h("p", { class: "muted" }, "No complete trial yet."));
+    const names = Object.keys(s.importances);
+    if (names.length) {
+      best.append(h("h2", {}, "Parameter importances"), hbars(names, names.map((n) => s.importances[n]), 0, "importances"));
+    } else if (s.importances_note) best.append(h("p", { class: "muted" }, s.importances_note));
+
+    const series = s.trials.filter((t) => t.curve.length).map((t) => ({
+      name: `${t.number} ${t.state}`, color: Charts.PALETTE[t.number % Charts.PALETTE.length],
+      points: t.curve.map((p) => [p.epoch, p[metric]]),
+    }));
+    Charts.line($("#sweep-curves"), series, { title: `${metric} per epoch, every trial`, xLabel: "epoch", percent: metric === "val_accuracy", empty: "no epoch yet" });
+
+    table.innerHTML = "";
+    table.append(h("table", { id: "trials-table" },
+      h("thead", {}, h("tr", {}, ["#", s.kind === "ablation" ? "Role" : "Parameters", "State", metric, "At epoch", "Pruned after", "Test acc.", "Job"].map((t, i) => h("th", { class: i >= 3 && i <= 6 ? "num" : null }, t)))),
+      h("tbody", {}, s.trials.map((t) => h("tr", { "data-number": t.number, class: s.best_trial && s.best_trial.number === t.number ? "best" : null },
+        h("td", {}, t.number), h("td", { title: t.error || "" }, trialLabel(t)), h("td", {}, trialState(t.state)),
+        h("td", { class: "num" }, num(t.value)), h("td", { class: "num" }, t.value_epoch ?? "–"),
+        h("td", { class: "num" }, t.pruned_epoch ?? "–"), h("td", { class: "num" }, pct(t.test_accuracy, 2)),
+        h("td", {}, t.job_id ? h("a", { href: `#/job/${t.job_id}`, class: "mono" }, shortId(t.job_id)) : "–"))))));
+
+    const told = s.trials.filter((t) => t.value !== null).length;
+    if (told && told !== pictureFor) {
+      pictureFor = told;
+      try {
+        const blob = await (await api(`/sweeps/${id}.png`, { raw: true })).blob();
+        picture.innerHTML = "";
+        picture.append(h("h2", {}, "Optimisation history and parameters"), h("img", { id: "sweep-png", src: URL.createObjectURL(blob), alt: "sweep plots", style: "max-width:100%" }));
+      } catch (_) { /* drawn at the next refresh */ }
+    }
+    return s;
+  }
+  const first = await draw();
+  if (first.status === "running" || first.counts.running) {
+    const timer = setInterval(() => draw().then((s) => { if (s.status !== "running" && !s.counts.running) clearInterval(timer); }).catch(() => {}), 2000);
+    onLeave(() => clearInterval(timer));
+  }
 }
 
 // ------------------------------------------------------------------ networks

@@ -89,7 +89,43 @@ def world(client, api_key, make_job, add_epochs, register_model, session_factory
         session.commit()
     queued = make_job("queued", owner_id=owner, model_name="model-a")
     register_model("model-a", content=tiny_model, job_id=job.id)
-    return World(keys=keys, job=str(job.id), queued=str(queued.id), revocable=ids["read-train-b"])
+    sweep = _sweep_of(session_factory, owner, job.id)
+    return World(
+        keys=keys,
+        job=str(job.id),
+        queued=str(queued.id),
+        revocable=ids["read-train-b"],
+        extra={"sweep": sweep},
+    )
+
+
+SWEEP_BODY = {
+    "base": {"net": "net1", "model_name": "model-a", "epochs": 1, "train_limit": 10},
+    "space": {"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}},
+    "max_trials": 1,
+    "parallelism": 1,
+}
+
+
+def _sweep_of(session_factory, owner: int, job_id: uuid.UUID) -> str:
+    """A running search of `owner` with one complete trial (the succeeded job)."""
+    from optuna.distributions import FloatDistribution, distribution_to_json
+
+    from app.models import Sweep, SweepTrial
+    from app.sweeps.schemas import SearchCreate
+
+    spec = SearchCreate.model_validate(SWEEP_BODY).model_dump(mode="json")
+    sweep_id = uuid.uuid4()
+    with session_factory() as session:
+        session.add(Sweep(id=sweep_id, kind="search", status="running", spec=spec, max_trials=2,
+                          parallelism=1, owner_id=owner, created_at=datetime.now(UTC)))  # fmt: skip
+        session.add(
+            SweepTrial(sweep_id=sweep_id, number=0, job_id=job_id, params={"learning_rate": 0.005},
+                       distributions={"learning_rate": distribution_to_json(FloatDistribution(0.001, 0.01))},
+                       system_attrs={}, state="complete", value=0.5, value_epoch=2, created_at=datetime.now(UTC))
+        )  # fmt: skip
+        session.commit()
+    return str(sweep_id)
 
 
 @dataclass(frozen=True)
@@ -102,7 +138,9 @@ class Route:
     kwargs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def url(self, world: World) -> str:
-        return self.path.format(job=world.job, queued=world.queued, key_id=world.revocable)
+        return self.path.format(
+            job=world.job, queued=world.queued, key_id=world.revocable, sweep=world.extra["sweep"]
+        )
 
 
 INSTANCES = {"json": {"model": "model-a", "instances": [PIXELS.tolist()]}}
@@ -127,6 +165,11 @@ ROUTES = [
     Route("GET", "/compare?jobs={job}", ("read",), 200),
     Route("GET", "/compare.png?jobs={job}", ("read",), 200),
     Route("GET", "/report?jobs={job}", ("read",), 200),
+    Route("POST", "/sweeps", ("train",), 201, owned=True, kwargs={"json": SWEEP_BODY}),
+    Route("GET", "/sweeps", ("read", "train"), 200),
+    Route("GET", "/sweeps/{sweep}", ("read", "train"), 200, owned=True),
+    Route("GET", "/sweeps/{sweep}.png", ("read", "train"), 200, owned=True),
+    Route("POST", "/sweeps/{sweep}/cancel", ("train",), 200, owned=True),
     Route("GET", "/metrics", ("read",), 200),
     Route("GET", "/keys", ("admin",), 200),
     Route("POST", "/keys", ("admin",), 201, kwargs={"json": {"name": "new-key", "scopes": ["read"]}}),
@@ -139,7 +182,8 @@ HOLDER = {"read": "read", "predict": "predict", "train": "train_a", "admin": "ad
 
 
 def _template(path: str) -> str:
-    for real, name in (("{job}", "{job_id}"), ("{queued}", "{job_id}"), ("{key_id}", "{key_id}")):
+    pairs = (("{job}", "{job_id}"), ("{queued}", "{job_id}"), ("{key_id}", "{key_id}"), ("{sweep}", "{sweep_id}"))  # fmt: skip
+    for real, name in pairs:
         path = path.replace(real, name)
     path = path.split("?")[0]
     return (

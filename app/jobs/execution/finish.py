@@ -118,11 +118,15 @@ def finish_failed(session: Session, job_id: uuid.UUID | str, message: str, *, to
     return changed
 
 
-def finish_cancelled(session: Session, job_id: uuid.UUID | str, *, token: int) -> bool:
-    """running -> cancelled, only under this claim."""
+def finish_cancelled(
+    session: Session, job_id: uuid.UUID | str, *, token: int, reason: str | None = None
+) -> bool:
+    """running -> cancelled, only under this claim; `reason` (a sweep's pruner) goes to
+    job.error so the job says why it ended."""
     now = db_now(session)
+    extra = {} if reason is None else {"error": clip(reason)}
     changed = transition(
-        session, as_uuid(job_id), JobStatus.CANCELLED, *owned(token), finished_at=now
+        session, as_uuid(job_id), JobStatus.CANCELLED, *owned(token), finished_at=now, **extra
     )
     session.commit()
     return changed
