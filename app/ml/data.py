@@ -147,9 +147,8 @@ OFFICIAL_TEST_ORDER = (
 def tree_test_order(first: str) -> str:
     """How an image tree's test split is ordered (see _TreeDecoder.finish), naming its first."""
     return (
-        "the test/ images sorted by path, then permuted by "
-        f"numpy.random.default_rng({_TREE_ORDER_SEED}).permutation (app/ml/data.py); "
-        f"the first is {first}"
+        "the first of the test/ images sorted by path, then permuted by "
+        f"numpy.random.default_rng({_TREE_ORDER_SEED}).permutation (app/ml/data.py): {first}"
     )
 
 

@@ -144,9 +144,10 @@ def explain_parameters(a: NetEntry, b: NetEntry) -> str:
         if d.extra:
             by_type.setdefault(d.type, []).append(d)
     rest = []
+    order = [layer.name for layer in big.layers] + [layer.name for layer in small.layers]
     for kind, group in by_type.items():
         total = sum(d.extra for d in group)
-        names = ", ".join(d.name for d in group)
+        names = ", ".join(d.name for d in sorted(group, key=lambda d: order.index(d.name)))
         reasons = sorted({cause(small, big, d) for d in group})
         rest.append(
             f"the {'convolutions' if kind == 'Conv2D' else kind + ' layers'} ({names}) "

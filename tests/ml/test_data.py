@@ -418,7 +418,7 @@ def test_a_tree_archive_states_its_sha256_and_names_its_first_test_image(archive
     # The definition is the loader's: paths sorted, then the fixed permutation; it names the
     # first image, and that file holds exactly the first test image's pixels and class.
     assert "sorted by path, then permuted by numpy.random.default_rng(0)" in d.test_order
-    first = d.test_order.rsplit("the first is ", 1)[1]
+    first = d.test_order.rsplit(": ", 1)[1]
     split, cls, _ = first.split("/")
     assert split == "test" and CLASS_NAMES.index(cls) == d.y_test[0]
     with Image.open(root / first) as im:
@@ -484,7 +484,7 @@ def test_real_jpeg_archive(cifar10_archive, cifar10_cache):
     assert (d.x_train[d.y_train == cls] == first).all(axis=(1, 2, 3)).any()
     # What every job records of it: the archive's sha256, and which file is the first test image.
     assert d.sha256 == data_module.file_sha256(cifar10_archive)
-    name = d.test_order.rsplit("the first is ", 1)[1]
+    name = d.test_order.rsplit(": ", 1)[1]
     with tarfile.open(cifar10_archive, "r|gz") as tar:
         member = next(m for m in tar if m.name.removeprefix("./").endswith(name))
         reader = tar.extractfile(member)
