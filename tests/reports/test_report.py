@@ -152,7 +152,9 @@ def _layer(name: str, kind: str, inp: list[int], out: list[int], params: int, **
 
 def _net(name: str, layers: list[LayerEntry]) -> NetEntry:
     total = sum(layer.params for layer in layers)
-    return NetEntry(net=name, title=name.upper(), total_params=total, macs_per_image=0, layers=layers)
+    return NetEntry(
+        net=name, title=name.upper(), total_params=total, macs_per_image=0, layers=layers
+    )
 
 
 def test_the_explanation_follows_the_numbers_not_a_fixed_sentence():
