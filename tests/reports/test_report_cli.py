@@ -95,3 +95,25 @@ def test_bad_report_arguments_exit_2(fixture_db, tmp_path, capsys):
     assert main(["report", "--jobs", str(running), "--out", str(tmp_path)]) == 2
     assert "a report needs succeeded jobs" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_submit_report_jobs_names_a_report_per_jobs_file():
+    """scripts/submit_report_jobs.py prints the `cnn report` call; the CPU jobs must not
+    overwrite docs/results.md."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).parents[2] / "scripts"
+    spec = importlib.util.spec_from_file_location(
+        "submit_report_jobs", scripts / "submit_report_jobs.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.report_command(["a", "b"], scripts / "report_jobs.json") == (
+        "cnn report --jobs a,b --out docs"
+    )
+    cpu = scripts / "report_jobs_cpu.json"
+    assert module.report_command(["a"], cpu) == (
+        f"cnn report --jobs a --out docs --name results-cpu.md --jobs-file {cpu}"
+    )
