@@ -223,6 +223,7 @@ def _collect_report(args: argparse.Namespace) -> Any:
     from datetime import UTC, datetime
 
     from app.db import session_factory
+    from app.reports import ablation
     from app.reports.compare import export_rows, parse_job_ids, require_finished
     from app.reports.export import collect
 
@@ -243,6 +244,7 @@ def _collect_report(args: argparse.Namespace) -> Any:
             command=report_command(args, ids),
             jobs_file=args.jobs_file if ids else None,
             sweep_id=sweep,
+            ablation_source=ablation.ablation_jobs,
         )
     require_finished(export_rows(export))
     return export

@@ -75,6 +75,7 @@ def report(
 ) -> Response:
     """The course's report (table, curves, one paragraph per course question) as Markdown;
     its images link to /compare.png and /jobs/{id}/history.png."""
+    from app.reports.ablation import ablation_jobs
     from app.reports.export import collect
     from app.reports.markdown import live_header, render_report
 
@@ -87,6 +88,7 @@ def report(
         exported_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         command=command,
         sweep_id=ablation,
+        ablation_source=ablation_jobs,
     )
     require_finished(export_rows(export))
     text = render_report(

@@ -267,8 +267,8 @@ def collect(
 ) -> ReportExport:
     """The export of these jobs (in this order) and of the sweep's ablation, from the database.
 
-    JobNotFound (404) for an unknown id. `ablation_source` is app.reports.ablation's adapter
-    unless a caller passes its own.
+    JobNotFound (404) for an unknown id. With a sweep_id, `ablation_source` reads its roles:
+    app.reports.ablation.ablation_jobs (the sweeps service), or a fixture's.
     """
     from app.jobs import service as job_service
     from app.ml.nets import CLASS_NAMES
@@ -280,9 +280,7 @@ def collect(
     ablation = None
     if sweep_id is not None:
         if ablation_source is None:
-            from app.reports.ablation import ablation_jobs
-
-            ablation_source = ablation_jobs
+            raise ValueError("an ablation's export needs its ablation_source")
         found = ablation_source(session, sweep_id)
         ablation = AblationExport(
             sweep_id=str(sweep_id),
