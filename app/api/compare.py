@@ -59,6 +59,10 @@ def compare_png(jobs: JobIds, session: SessionDep) -> Response:
     responses={
         200: {"content": {"text/markdown": {}}, "description": "The report as Markdown."},
         **ERRORS,
+        404: {
+            "description": "A job does not exist (`job_not_found`), or the sweep is not an "
+            "ablation (`ablation_not_found`)."
+        },
         409: {"description": "A job has not succeeded (`job_not_finished`)."},
     },
 )

@@ -53,7 +53,7 @@ _KNOWN_SHA256 = {CIFAR10_URL: "6d958be074577803d12ecdefd02955f39262c83c16fe93483
 _DOWNLOAD_NAME = "cifar-10-batches-py.tar.gz"
 
 # Bump when the decoded arrays would differ, so that old cache files are not used.
-# 2: the cache also holds the provenance (archive, sha256, test order).
+# 2: the cache also holds the provenance (archive, sha256, test layout and first test file).
 _CACHE_FORMAT = 2
 _SPLITS = ("train", "test")
 _OFFICIAL_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -91,7 +91,20 @@ class Cifar10:
     source: str
     archive: str = ""  # the file or folder name the images came from (or the download URL)
     sha256: str | None = None  # of the archive file; of its files' digests for a folder
-    test_order: str = ""  # how the test split is ordered: which image is the first
+    test_layout: str = ""  # "official", "tree" or "subset": what orders the test split
+    first_test_file: str = ""  # for a tree: the path of the first test image
+
+    @property
+    def test_order(self) -> str:
+        """How the test split is ordered, which defines "the first test image". The words
+        come from this code; the cache keeps only the facts (layout, first file)."""
+        if self.test_layout == "official":
+            return OFFICIAL_TEST_ORDER
+        if self.test_layout == "tree":
+            return tree_test_order(self.first_test_file)
+        if self.test_layout == "subset":
+            return "a seeded random subset of the test images (app.ml.data.subset)"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -173,9 +186,6 @@ def subset(
 
     x_train, y_train = pick(data.x_train, data.y_train, train_limit, 0)
     x_test, y_test = pick(data.x_test, data.y_test, test_limit, 1)
-    test_order = data.test_order
-    if test_limit is not None:
-        test_order = f"a seeded random subset (seed {seed}) of {len(y_test)} test images"
     return Cifar10(
         x_train,
         y_train,
@@ -184,7 +194,8 @@ def subset(
         f"{data.source}; subset train={len(y_train)} test={len(y_test)} seed={seed}",
         archive=data.archive,
         sha256=data.sha256,
-        test_order=test_order,
+        test_layout=data.test_layout if test_limit is None else "subset",
+        first_test_file=data.first_test_file if test_limit is None else "",
     )
 
 
@@ -275,7 +286,8 @@ def _read_cache(cache_file: Path) -> Cifar10 | None:
                 str(z["source"]),
                 archive=str(z["archive"]),
                 sha256=str(z["sha256"]) or None,
-                test_order=str(z["test_order"]),
+                test_layout=str(z["test_layout"]),
+                first_test_file=str(z["first_test_file"]),
             )
     except FileNotFoundError:
         return None
@@ -316,7 +328,8 @@ def _write_cache(cache_file: Path, data: Cifar10) -> None:
                 source=np.array(data.source),
                 archive=np.array(data.archive),
                 sha256=np.array(data.sha256 or ""),
-                test_order=np.array(data.test_order),
+                test_layout=np.array(data.test_layout),
+                first_test_file=np.array(data.first_test_file),
             )
         os.replace(tmp, cache_file)
     except OSError as exc:
@@ -429,7 +442,7 @@ def _assemble_official(batches: dict[str, tuple[np.ndarray, np.ndarray]], where:
         x_test,
         y_test,
         f"official CIFAR-10 batches in {where}",
-        test_order=OFFICIAL_TEST_ORDER,
+        test_layout="official",
     )
 
 
@@ -576,7 +589,7 @@ class _TreeDecoder:
         (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
         where = f"image-folder tree in {self.where} ({self.count} images)"
         return Cifar10(
-            x_train, y_train, x_test, y_test, where, test_order=tree_test_order(first_test)
+            x_train, y_train, x_test, y_test, where, test_layout="tree", first_test_file=first_test
         )
 
     def _result(self, i: int, chunk: list[tuple[str, bytes | str]]) -> np.ndarray:

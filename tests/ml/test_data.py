@@ -419,6 +419,7 @@ def test_a_tree_archive_states_its_sha256_and_names_its_first_test_image(archive
     # first image, and that file holds exactly the first test image's pixels and class.
     assert "sorted by path, then permuted by numpy.random.default_rng(0)" in d.test_order
     first = d.test_order.rsplit(": ", 1)[1]
+    assert first == d.first_test_file
     split, cls, _ = first.split("/")
     assert split == "test" and CLASS_NAMES.index(cls) == d.y_test[0]
     with Image.open(root / first) as im:
@@ -450,7 +451,7 @@ def test_the_cache_keeps_the_provenance_and_a_subset_keeps_it_too(archives, tmp_
     first = load_cifar10(str(archive), cache)
     again = load_cifar10(str(archive), cache)
     assert "cached" in again.source
-    for field in ("archive", "sha256", "test_order"):
+    for field in ("archive", "sha256", "test_layout", "first_test_file", "test_order"):
         assert getattr(again, field) == getattr(first, field)
     assert again.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
     small = subset(again, 5, seed=3)
@@ -459,7 +460,7 @@ def test_the_cache_keeps_the_provenance_and_a_subset_keeps_it_too(archives, tmp_
         again.sha256,
         again.test_order,
     )
-    assert "seeded random subset (seed 3) of 2 test images" in subset(again, 5, 2, 3).test_order
+    assert "seeded random subset of the test images" in subset(again, 5, 2, 3).test_order
 
 
 # --- the real archive (fixture cifar10_archive; decoded once, then served from var/test-cache) ---
