@@ -42,6 +42,7 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
+from app.files import file_digest
 from app.ml.nets import CLASS_NAMES, INPUT_SHAPE
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,8 @@ def provenance(data: Cifar10) -> DataProvenance:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file (app.files.file_digest, as the registry hashes models)."""
+    return file_digest(path)[0]
 
 
 def tree_sha256(root: Path) -> str:
