@@ -12,7 +12,8 @@ cnn worker                    one Celery training worker (one per GPU)
 cnn migrate                   apply the Alembic migrations to DATABASE_URL
 cnn keys create --name N --scope read,predict   a new API key (printed once)
 cnn keys list | cnn keys revoke ID_OR_NAME
-cnn report --jobs ID,... --out DIR   results.md + PNGs from finished jobs in the database
+cnn report --jobs ID,... [--ablation SWEEP] --out DIR   results.md + PNGs + results.export.json
+cnn report --from DIR/results.export.json               the same report again, from the export alone
 """
 
 from __future__ import annotations
@@ -171,22 +172,95 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from app.reports.export import read_export, write_export
+
+    if args.from_file:
+        if args.jobs or args.ablation or args.export:
+            raise ValueError(
+                "--from reads every job from the export: no --jobs, --ablation or --export"
+            )
+        source = Path(args.from_file)
+        export, sha256 = read_export(source)
+        out = Path(args.out) if args.out else source.parent
+        name = args.name or f"{_stem(source.name)}.md"
+        export_name = source.name
+    else:
+        export = _collect_report(args)
+        if args.export:
+            write_export(export, Path(args.export))
+            print(f"wrote {args.export} ({len(export.all_jobs())} jobs)")
+            return 0
+        out = Path(args.out or "docs")
+        name = args.name or REPORT_NAME
+        export_name = f"{_stem(name)}.export.json"
+        sha256 = write_export(export, out / export_name)
+    prefix = args.image_prefix or f"{_stem(name)}-"
+    regenerate = f"cnn report --from {export_name}"
+    if name != f"{_stem(export_name)}.md":
+        regenerate += f" --name {name}"
+    if prefix != f"{_stem(name)}-":
+        regenerate += f" --image-prefix {prefix}"
+    written = _write_report(export, out, name, prefix, export_name, sha256, regenerate)
+    print(f"wrote {out / name}, {out / export_name} and {written} PNGs")
+    return 0
+
+
+REPORT_NAME = "results.md"
+REPORT_JOBS_FILE = "scripts/report_jobs.json"
+
+
+def _stem(file_name: str) -> str:
+    """'results-cpu.md' and 'results-cpu.export.json' -> 'results-cpu'."""
+    for suffix in (".export.json", ".json", ".md"):
+        if file_name.endswith(suffix):
+            return file_name[: -len(suffix)]
+    return file_name
+
+
+def _collect_report(args: argparse.Namespace) -> Any:
+    """The export of --jobs and --ablation, read from DATABASE_URL."""
+    import uuid
     from datetime import UTC, datetime
 
     from app.db import session_factory
+    from app.reports import ablation
+    from app.reports.compare import export_rows, parse_job_ids, require_finished
+    from app.reports.export import collect
+
+    if not args.jobs and not args.ablation:
+        raise ValueError("name the jobs: --jobs ID,..., --ablation SWEEP_ID, or --from EXPORT")
+    ids = parse_job_ids(args.jobs) if args.jobs else []
+    try:
+        sweep = uuid.UUID(args.ablation) if args.ablation else None
+    except ValueError:
+        raise ValueError(
+            f"--ablation is a sweep id (a UUID). Received: {args.ablation[:40]!r}"
+        ) from None
+    with session_factory(get_settings())() as session:
+        export = collect(
+            session,
+            ids,
+            exported_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            command=report_command(args, ids),
+            jobs_file=args.jobs_file if ids else None,
+            sweep_id=sweep,
+            ablation_source=ablation.ablation_jobs,
+        )
+    require_finished(export_rows(export))
+    return export
+
+
+def _write_report(
+    export: Any, out: Path, name: str, prefix: str, export_name: str, sha256: str, regenerate: str
+) -> int:
+    """The Markdown report and its PNGs in `out`; returns how many PNGs."""
     from app.ml.plots import history_png
-    from app.reports.compare import compare_jobs, parse_job_ids, require_finished
-    from app.reports.markdown import render_report, title
+    from app.reports.compare import export_rows
+    from app.reports.markdown import export_header, render_report, title
     from app.reports.plots import compare_png
 
-    settings = get_settings()
-    ids = parse_job_ids(args.jobs)
-    with session_factory(settings)() as session:
-        rows = compare_jobs(session, ids)
-    require_finished(rows)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = args.image_prefix
+    rows = export_rows(export)
     (out / f"{prefix}compare.png").write_bytes(compare_png(rows))
     curves = {}
     for row in rows:
@@ -197,35 +271,40 @@ def _cmd_report(args: argparse.Namespace) -> int:
         ]
         (out / file).write_bytes(history_png(epochs, title=f"{title(row)}: job {row['id'][:8]}"))
         curves[row["id"]] = file
-    command = report_command(args, ids)
+    reproduce = ""
+    if export.jobs_file:
+        reproduce = REPRODUCE.format(jobs_file=export.jobs_file)
+    reproduce += REGENERATE.format(command=export.command, regenerate=regenerate)
     text = render_report(
-        rows,
+        export,
+        header=export_header(export, export_name, sha256, regenerate),
         compare_image=f"{prefix}compare.png",
         curve_images=curves,
-        command=command,
-        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        reproduce=REPRODUCE.format(command=command, jobs_file=args.jobs_file),
+        reproduce=reproduce,
     )
-    (out / args.name).write_text(text)
-    print(f"wrote {out / args.name} and {len(rows) + 1} PNGs")
-    return 0
-
-
-REPORT_DEFAULTS = {
-    "--name": "results.md",
-    "--image-prefix": "results-",
-    "--jobs-file": "scripts/report_jobs.json",
-}
+    (out / name).write_text(text)
+    return len(rows) + 1
 
 
 def report_command(args: argparse.Namespace, ids: list[Any]) -> str:
-    """The `cnn report` call that wrote this report, with every option that is not the default,
-    so that the report's own Reproduce section repeats it exactly."""
-    parts = [f"cnn report --jobs {','.join(str(i) for i in ids)} --out {args.out}"]
-    for option, standard in REPORT_DEFAULTS.items():
-        value = getattr(args, option[2:].replace("-", "_"))
-        if value != standard:
-            parts.append(f"{option} {value}")
+    """The `cnn report` call that wrote this export, with every option that is not the
+    default, so that the report's own Reproduce section repeats it exactly."""
+    parts = ["cnn report"]
+    if ids:
+        parts.append(f"--jobs {','.join(str(i) for i in ids)}")
+    if args.ablation:
+        parts.append(f"--ablation {args.ablation}")
+    if args.export:
+        parts.append(f"--export {args.export}")
+    else:
+        parts.append(f"--out {args.out or 'docs'}")
+        name = args.name or REPORT_NAME
+        if name != REPORT_NAME:
+            parts.append(f"--name {name}")
+        if args.image_prefix and args.image_prefix != f"{_stem(name)}-":
+            parts.append(f"--image-prefix {args.image_prefix}")
+    if ids and args.jobs_file != REPORT_JOBS_FILE:
+        parts.append(f"--jobs-file {args.jobs_file}")
     return " ".join(parts)
 
 
@@ -234,8 +313,19 @@ REPRODUCE = """The jobs are the POST /jobs bodies of `{jobs_file}`. With the ser
 ```bash
 python scripts/submit_report_jobs.py --url http://localhost:8000 --key "$(cat var/admin.key)" \\
     --jobs {jobs_file} --wait   # prints the job ids, then waits until they are done
-# then, in the service's folder (same DATABASE_URL):
+```
+
+"""
+REGENERATE = """In the service's folder (same DATABASE_URL), this wrote the export and the report:
+
+```bash
 {command}
+```
+
+and this regenerates the report from the export alone, in the export's folder:
+
+```bash
+{regenerate}
 ```"""
 
 
@@ -393,16 +483,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     k = keys.add_parser("revoke", help="revoke a key at once")
     k.add_argument("key", help="the key's id or name")
-    p = sub.add_parser("report", help="Markdown report + PNGs from finished jobs (DATABASE_URL)")
-    p.add_argument("--jobs", required=True, help="comma-separated job ids, in table order")
-    p.add_argument("--out", default="docs", help="output folder (default: docs)")
-    for option, help_text in (
-        ("--name", "report file name"),
-        ("--image-prefix", "prefix of the PNG names"),
-        ("--jobs-file", "the POST /jobs bodies the Reproduce section names"),
-    ):
-        standard = REPORT_DEFAULTS[option]
-        p.add_argument(option, default=standard, help=f"{help_text} (default: {standard})")
+    p = sub.add_parser(
+        "report",
+        help="Markdown report + PNGs + its export, from finished jobs (DATABASE_URL) or an export",
+    )
+    p.add_argument("--jobs", default=None, help="comma-separated job ids, in table order")
+    p.add_argument("--ablation", default=None, help="an ablation sweep's id (exercise 19's why)")
+    p.add_argument(
+        "--from", dest="from_file", default=None, help="render from this export, no database"
+    )
+    p.add_argument("--export", default=None, help="only write the export of the jobs here")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: docs; with --from the export's)"
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help=f"report file name (default: {REPORT_NAME}; with --from the export's name)",
+    )
+    p.add_argument("--image-prefix", default=None, help="PNG name prefix (default: NAME's stem-)")
+    p.add_argument(
+        "--jobs-file",
+        default=REPORT_JOBS_FILE,
+        help=f"the POST /jobs bodies the Reproduce section names (default: {REPORT_JOBS_FILE})",
+    )
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -65,6 +65,7 @@ STATUS: dict[str, int] = {
     "no_finished_trials": 404,
     "sweep_too_large": 422,
     "sweep_terminal": 409,
+    "ablation_not_found": 404,
     # nets, models and artifacts
     "unknown_net": 404,
     "model_not_found": 404,
@@ -160,6 +161,10 @@ class InvalidJobIds(DomainError, code="invalid_job_ids"):
 
 class JobNotFinished(DomainError, code="job_not_finished"):
     """A report is written from succeeded jobs only."""
+
+
+class AblationNotFound(DomainError, code="ablation_not_found"):
+    """A report asked for an ablation that the sweeps service does not have."""
 
 
 class EvaluationNotFound(DomainError, code="no_evaluation"):

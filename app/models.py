@@ -151,6 +151,9 @@ class EpochMetric(Base):
     images_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The optimizer's rate at the epoch's end (issue 11); null for rows older than 0005.
     learning_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Plain cross-entropy on the validation images, whatever the training loss (issue 20):
+    # the validation loss that compares across jobs. Null for rows older than 0011.
+    val_ce_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="epoch_rows")
@@ -170,6 +173,11 @@ class Evaluation(Base):
     first_image: Mapped[dict[str, Any]] = mapped_column(JSON)
     per_class_accuracy: Mapped[list[float]] = mapped_column(JSON)
     confusion_matrix: Mapped[list[list[int]]] = mapped_column(JSON)
+    # Issue 20 (migration 0011); null for older rows. The plain cross-entropy on the test set
+    # (test_loss holds L2 penalties too), and which data the job used:
+    # {"archive", "sha256", "first_test_image", "train_images", "test_images"}.
+    test_ce_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="evaluation")

@@ -273,6 +273,11 @@ class EpochPublic(BaseModel):
     val_accuracy: float | None
     seconds: float
     learning_rate: float | None = None
+    val_ce_loss: float | None = Field(
+        default=None,
+        description="Plain cross-entropy on the validation images (no label smoothing, no L2): "
+        "the validation loss that compares across jobs; null for epochs recorded before it.",
+    )
 
 
 class HistoryCurves(BaseModel):
@@ -283,11 +288,34 @@ class HistoryCurves(BaseModel):
     learning_rate: list[float | None] = Field(
         default_factory=list, description="The optimizer's rate at each epoch's end."
     )
+    val_ce_loss: list[float | None] = Field(
+        default_factory=list, description="Plain cross-entropy on the validation images."
+    )
+
+
+class VerdictPublic(BaseModel):
+    """How the run fits (app/ml/analysis.py states the rules), and the numbers it rests on."""
+
+    kind: Literal["underfitting", "overfitting", "still_improving", "plateau"]
+    reason: str = Field(description="The rule that decided, with its numbers.")
+    epochs: int
+    train_at_or_below_val: int = Field(description="Epochs with accuracy <= val_accuracy.")
+    best_epoch: int
+    lowest_val_loss: float
+    last_val_loss: float
+    val_loss_rise: float = Field(description="last_val_loss - lowest_val_loss.")
+    tolerance: float = Field(
+        description="The largest rise that is noise, not overfitting (5% of the lowest)."
+    )
+    train_loss_at_best: float | None
+    last_train_loss: float | None
 
 
 class AnalysisPublic(BaseModel):
     best_epoch: int | None = Field(description="Epoch with the lowest validation loss.")
-    overfitting_after_epoch: int | None
+    overfitting_after_epoch: int | None = Field(
+        description="The best epoch, when the verdict is overfitting; else null."
+    )
     final_gap: float | None = Field(description="accuracy - val_accuracy at the last epoch.")
     max_gap: float | None
     max_gap_epoch: int | None = None
@@ -300,6 +328,11 @@ class AnalysisPublic(BaseModel):
     )
     stopped_early: bool = Field(
         default=False, description="Early stopping ended the run before its last epoch."
+    )
+    verdict: VerdictPublic | None = Field(
+        default=None,
+        description="underfitting, overfitting, still_improving or plateau, with the numbers "
+        "it rests on; null without validation data.",
     )
 
 
@@ -318,6 +351,16 @@ class FirstImage(BaseModel):
     match: bool
 
 
+class DataPublic(BaseModel):
+    """Which data a job used, recorded by the worker when it loaded it."""
+
+    archive: str = Field(description="The archive (or folder, or download URL) read.")
+    sha256: str | None = Field(description="Its sha256 (for a folder: of its files' digests).")
+    first_test_image: str = Field(description='How "the first test image" is defined.')
+    train_images: int
+    test_images: int
+
+
 class EvaluationPublic(BaseModel):
     """Test-set results: the seed's exercises 7 (test loss and accuracy) and 8 (the first
     test image), plus the accuracy per class and the confusion matrix."""
@@ -330,6 +373,14 @@ class EvaluationPublic(BaseModel):
     first_image: FirstImage
     per_class_accuracy: list[float]
     confusion_matrix: list[list[int]]
+    test_ce_loss: float | None = Field(
+        default=None,
+        description="Plain cross-entropy on the test set (test_loss also holds L2 penalties); "
+        "null for jobs evaluated before it was recorded.",
+    )
+    data: DataPublic | None = Field(
+        default=None, description="Which data the job used; null for older jobs."
+    )
     classes: list[str] = Field(
         default_factory=lambda: list(CLASS_NAMES),
         description="Class names, in the order of the lists above.",

@@ -6,7 +6,8 @@
 
 Standard library only. Each POST carries an Idempotency-Key derived from the body, so
 running it twice does not train twice. With --wait it polls until every job is terminal
-and then prints the `cnn report` command for them.
+and then prints the `cnn report` command for them, which writes the report and its export
+(scripts/report_jobs_cpu.json -> docs/results-cpu.md and docs/results-cpu.export.json).
 """
 
 from __future__ import annotations
@@ -53,9 +54,19 @@ def main() -> int:
         if all(s in ("succeeded", "failed", "cancelled") for s in states):
             break
         time.sleep(30)
-    jobs_file = "" if Path(args.jobs) == HERE / "report_jobs.json" else f" --jobs-file {args.jobs}"
-    print(f"cnn report --jobs {','.join(ids)} --out docs{jobs_file}")
+    print(report_command(ids, Path(args.jobs)))
     return 0
+
+
+def report_command(ids: list[str], jobs: Path) -> str:
+    """The `cnn report` call for these jobs; a jobs file `report_jobs_<x>.json` gets its own
+    report, `results-<x>.md`, so that it never overwrites another one."""
+    command = f"cnn report --jobs {','.join(ids)} --out docs"
+    if jobs.resolve() == (HERE / "report_jobs.json").resolve():
+        return command
+    suffix = jobs.stem.removeprefix("report_jobs").strip("_-").replace("_", "-")
+    name = f"results-{suffix}.md" if suffix else f"results-{jobs.stem}.md"
+    return f"{command} --name {name} --jobs-file {jobs}"
 
 
 if __name__ == "__main__":

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import ReadAccess, SessionDep
-from app.reports.compare import MAX_COMPARE_JOBS, compare_jobs, parse_job_ids, require_finished
+from app.reports.compare import (
+    MAX_COMPARE_JOBS,
+    compare_jobs,
+    export_rows,
+    parse_job_ids,
+    require_finished,
+)
 
 router = APIRouter(tags=["compare"], dependencies=[ReadAccess])
 
@@ -52,23 +59,46 @@ def compare_png(jobs: JobIds, session: SessionDep) -> Response:
     responses={
         200: {"content": {"text/markdown": {}}, "description": "The report as Markdown."},
         **ERRORS,
+        404: {
+            "description": "A job does not exist (`job_not_found`), or the sweep is not an "
+            "ablation (`ablation_not_found`)."
+        },
         409: {"description": "A job has not succeeded (`job_not_finished`)."},
     },
 )
-def report(jobs: JobIds, session: SessionDep) -> Response:
+def report(
+    jobs: JobIds,
+    session: SessionDep,
+    ablation: Annotated[
+        uuid.UUID | None,
+        Query(
+            description="An ablation sweep's id: exercise 19's points per lever (404 "
+            "`ablation_not_found` when the sweep is not an ablation)."
+        ),
+    ] = None,
+) -> Response:
     """The course's report (table, curves, one paragraph per course question) as Markdown;
     its images link to /compare.png and /jobs/{id}/history.png."""
-    from app.reports.markdown import render_report
+    from app.reports.ablation import ablation_jobs
+    from app.reports.export import collect
+    from app.reports.markdown import live_header, render_report
 
     ids = parse_job_ids(jobs)
-    rows = compare_jobs(session, ids)
-    require_finished(rows)
     joined = ",".join(str(i) for i in ids)
+    command = f"GET /report?jobs={joined}" + (f"&ablation={ablation}" if ablation else "")
+    export = collect(
+        session,
+        ids,
+        exported_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        command=command,
+        sweep_id=ablation,
+        ablation_source=ablation_jobs,
+    )
+    require_finished(export_rows(export))
     text = render_report(
-        rows,
+        export,
+        header=live_header(export),
         compare_image=f"/compare.png?jobs={joined}",
-        curve_images={r["id"]: f"/jobs/{r['id']}/history.png" for r in rows},
-        command=f"GET /report?jobs={joined}",
-        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        curve_images={job.id: f"/jobs/{job.id}/history.png" for job in export.jobs},
     )
     return Response(text, media_type="text/markdown; charset=utf-8")

@@ -284,7 +284,7 @@ class _Runner:
         )
 
     def _train_and_finish(self) -> Outcome:
-        from app.ml.data import load_cifar10
+        from app.ml.data import load_cifar10, provenance
         from app.ml.evaluation import evaluate
         from app.ml.training import (
             TrainConfig,
@@ -338,7 +338,9 @@ class _Runner:
             return self._stopped()
         self.control.checkpoint()
 
-        evaluation = evaluate(result.model, data.x_test, data.y_test)
+        evaluation = dataclasses.replace(
+            evaluate(result.model, data.x_test, data.y_test), data=provenance(data).to_dict()
+        )
         self.control.checkpoint()
         metrics = {
             "test_loss": evaluation.test_loss,

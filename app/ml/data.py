@@ -11,6 +11,12 @@ Three sources, chosen by one string (the CIFAR10_SOURCE setting):
 
 Labels follow ``app.ml.nets.CLASS_NAMES`` (the Keras order). Every bad input raises
 DataError with the offending file or folder in the message.
+
+Each load also says which data it is (`DataProvenance`, recorded with every job's
+evaluation): the archive's name and sha256, and how the test split is ordered, which is what
+defines "the first test image" of exercises 8 and 15. The official batches keep their own
+order; an image tree's test images are sorted by path and then permuted with a fixed seed
+(`_TREE_ORDER_SEED`), and the description names the path that came first.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, NamedTuple
 
 import numpy as np
 
+from app.files import file_digest
 from app.ml.nets import CLASS_NAMES, INPUT_SHAPE
 
 log = logging.getLogger(__name__)
@@ -47,7 +54,8 @@ _KNOWN_SHA256 = {CIFAR10_URL: "6d958be074577803d12ecdefd02955f39262c83c16fe93483
 _DOWNLOAD_NAME = "cifar-10-batches-py.tar.gz"
 
 # Bump when the decoded arrays would differ, so that old cache files are not used.
-_CACHE_FORMAT = 1
+# 2: the cache also holds the provenance (archive, sha256, test layout and first test file).
+_CACHE_FORMAT = 2
 _SPLITS = ("train", "test")
 _OFFICIAL_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _OFFICIAL_TEST = "test_batch"
@@ -82,6 +90,76 @@ class Cifar10:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+    archive: str = ""  # the file or folder name the images came from (or the download URL)
+    sha256: str | None = None  # of the archive file; of its files' digests for a folder
+    test_layout: str = ""  # "official", "tree" or "subset": what orders the test split
+    first_test_file: str = ""  # for a tree: the path of the first test image
+
+    @property
+    def test_order(self) -> str:
+        """How the test split is ordered, which defines "the first test image". The words
+        come from this code; the cache keeps only the facts (layout, first file)."""
+        if self.test_layout == "official":
+            return OFFICIAL_TEST_ORDER
+        if self.test_layout == "tree":
+            return tree_test_order(self.first_test_file)
+        if self.test_layout == "subset":
+            return "a seeded random subset of the test images (app.ml.data.subset)"
+        return ""
+
+
+@dataclass(frozen=True)
+class DataProvenance:
+    """Which data a run used: recorded with each job's evaluation, stated by the report."""
+
+    archive: str
+    sha256: str | None
+    first_test_image: str  # how "the first test image" is defined, for this source
+    train_images: int
+    test_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def provenance(data: Cifar10) -> DataProvenance:
+    """The provenance of loaded data (before any train_limit subset of a job)."""
+    return DataProvenance(
+        archive=data.archive or data.source,
+        sha256=data.sha256,
+        first_test_image=data.test_order or "not recorded by this loader",
+        train_images=len(data.y_train),
+        test_images=len(data.y_test),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file (app.files.file_digest, as the registry hashes models)."""
+    return file_digest(path)[0]
+
+
+def tree_sha256(root: Path) -> str:
+    """sha256 of a folder: over '<relative path>\\0<file sha256>\\n' for every file, in
+    sorted path order, so that the same files give the same digest on any disk."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        relative = file.relative_to(root).as_posix()
+        digest.update(f"{relative}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+OFFICIAL_TEST_ORDER = (
+    "the first record of the official test_batch file (the loader keeps the file's order)"
+)
+
+
+def tree_test_order(first: str) -> str:
+    """How an image tree's test split is ordered (see _TreeDecoder.finish), naming its first."""
+    return (
+        "the first of the test/ images sorted by path, then permuted by "
+        f"numpy.random.default_rng({_TREE_ORDER_SEED}).permutation (app/ml/data.py): {first}"
+    )
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -111,6 +189,10 @@ def subset(
         x_test,
         y_test,
         f"{data.source}; subset train={len(y_train)} test={len(y_test)} seed={seed}",
+        archive=data.archive,
+        sha256=data.sha256,
+        test_layout=data.test_layout if test_limit is None else "subset",
+        first_test_file=data.first_test_file if test_limit is None else "",
     )
 
 
@@ -143,8 +225,15 @@ def load_cifar10(
     path = path.resolve()
     key = _cache_key(str(path), _fingerprint(path))
     if path.is_dir():
-        return _cached(cache_dir, key, lambda: _load_dir(path, n_workers))
-    return _cached(cache_dir, key, lambda: _load_tar(path, n_workers))
+        return _cached(cache_dir, key, lambda: _with_digest(_load_dir(path, n_workers), path))
+    return _cached(cache_dir, key, lambda: _with_digest(_load_tar(path, n_workers), path))
+
+
+def _with_digest(data: Cifar10, path: Path) -> Cifar10:
+    """Name the archive and add its sha256 (computed once, then kept in the cache)."""
+    data.archive = path.name
+    data.sha256 = tree_sha256(path) if path.is_dir() else file_sha256(path)
+    return data
 
 
 # --- caching -----------------------------------------------------------------------------------
@@ -186,7 +275,17 @@ def _cached(cache_dir: Path | None, key: str, build: Callable[[], Cifar10]) -> C
 def _read_cache(cache_file: Path) -> Cifar10 | None:
     try:
         with np.load(cache_file, allow_pickle=False) as z:
-            data = Cifar10(z["x_train"], z["y_train"], z["x_test"], z["y_test"], str(z["source"]))
+            data = Cifar10(
+                z["x_train"],
+                z["y_train"],
+                z["x_test"],
+                z["y_test"],
+                str(z["source"]),
+                archive=str(z["archive"]),
+                sha256=str(z["sha256"]) or None,
+                test_layout=str(z["test_layout"]),
+                first_test_file=str(z["first_test_file"]),
+            )
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
@@ -224,6 +323,10 @@ def _write_cache(cache_file: Path, data: Cifar10) -> None:
                 x_test=data.x_test,
                 y_test=data.y_test,
                 source=np.array(data.source),
+                archive=np.array(data.archive),
+                sha256=np.array(data.sha256 or ""),
+                test_layout=np.array(data.test_layout),
+                first_test_file=np.array(data.first_test_file),
             )
         os.replace(tmp, cache_file)
     except OSError as exc:
@@ -269,6 +372,11 @@ def _load_keras(origin: str, download_dir: Path | None) -> Cifar10:
         )
     data = _load_official_dir(batches)
     data.source = f"official CIFAR-10 batches downloaded from {origin} into {folder}"
+    data.archive = origin
+    # get_file has checked the official archive against its known sha256.
+    known = _KNOWN_SHA256.get(origin)
+    download = folder.with_name(_DOWNLOAD_NAME)
+    data.sha256 = known or (file_sha256(download) if download.is_file() else None)
     return data
 
 
@@ -331,6 +439,7 @@ def _assemble_official(batches: dict[str, tuple[np.ndarray, np.ndarray]], where:
         x_test,
         y_test,
         f"official CIFAR-10 batches in {where}",
+        test_layout="official",
     )
 
 
@@ -463,6 +572,7 @@ class _TreeDecoder:
         labels = np.asarray(self.labels, dtype=np.int64)
         keys = np.asarray(self.keys)
         arrays = {}
+        first_test = ""
         for s, split in enumerate(_SPLITS):
             idx = np.flatnonzero(splits == s)
             if len(idx) == 0:
@@ -471,9 +581,13 @@ class _TreeDecoder:
             idx = idx[np.argsort(keys[idx], kind="stable")]
             idx = idx[np.random.default_rng(_TREE_ORDER_SEED).permutation(len(idx))]
             arrays[split] = (x[idx], labels[idx])
+            if split == "test":
+                first_test = str(keys[idx[0]])
         (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
         where = f"image-folder tree in {self.where} ({self.count} images)"
-        return Cifar10(x_train, y_train, x_test, y_test, where)
+        return Cifar10(
+            x_train, y_train, x_test, y_test, where, test_layout="tree", first_test_file=first_test
+        )
 
     def _result(self, i: int, chunk: list[tuple[str, bytes | str]]) -> np.ndarray:
         if i < len(self._futures) and not self._pool_failed:

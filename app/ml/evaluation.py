@@ -21,6 +21,11 @@ class EvaluationResult:
     first_image: dict[str, Any]
     per_class_accuracy: list[float]
     confusion_matrix: list[list[int]]
+    # Plain cross-entropy of the probabilities: test_loss is the compiled loss, which for a
+    # net with L2 penalties (NET III) also holds them, so only this one compares across nets.
+    test_ce_loss: float | None = None
+    # Which data (app.ml.data.DataProvenance.to_dict()); the worker fills it in.
+    data: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -31,6 +36,12 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (y_true.astype(np.int64), y_pred.astype(np.int64)), 1)
     return matrix
+
+
+def cross_entropy(probabilities: np.ndarray, y: np.ndarray) -> float:
+    """Mean -log p(true class), probabilities clipped as Keras' cross-entropy clips them."""
+    picked = probabilities[np.arange(len(y)), y].astype(np.float64)
+    return float(-np.log(np.clip(picked, 1e-7, 1.0 - 1e-7)).mean())
 
 
 def evaluate(
@@ -57,4 +68,5 @@ def evaluate(
         first_image=first,
         per_class_accuracy=[float(v) for v in per_class],
         confusion_matrix=matrix.tolist(),
+        test_ce_loss=cross_entropy(probabilities, y),
     )

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from app.ml.callbacks import EarlyStoppingRestore
 
 CHECKPOINT_MODEL = "checkpoint.keras"
+# The plain cross-entropy, compiled as a metric into every run: Keras logs it as `ce_loss` and,
+# on the validation images, `val_ce_loss`. Unlike `val_loss` it leaves out label smoothing and
+# L2 penalties, so it is the one validation loss that compares across jobs.
+CE_METRIC = "ce_loss"
 CHECKPOINT_STATE = "checkpoint.json"
 
 
@@ -56,6 +60,9 @@ class EpochRecord:
     seconds: float
     images_per_second: float
     learning_rate: float | None = None  # the optimizer's rate at the epoch's end
+    # Plain cross-entropy on the validation images (CE_METRIC); None without validation data
+    # and in records older than the metric.
+    val_ce_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +198,8 @@ def build_compiled(
 
     The levers (app.ml.optim, app.ml.augment) change nothing unless the config asks:
     augmentation layers in front of the net, smoothed loss, schedule, AdamW, clipnorm.
-    `steps_per_epoch` is what a per-step learning-rate schedule counts epochs by.
+    `steps_per_epoch` is what a per-step learning-rate schedule counts epochs by. Every run
+    also measures the plain cross-entropy (CE_METRIC), whatever its loss.
     """
     import keras
 
@@ -207,7 +215,7 @@ def build_compiled(
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch or 1),
         loss=make_loss(config),
-        metrics=["accuracy"],
+        metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name=CE_METRIC)],
     )
     return model
 
@@ -465,6 +473,7 @@ class _EpochLog:
                 "lower the learning rate or use precision=float32"
             )
         val_loss, val_acc = logs.get("val_loss"), logs.get("val_accuracy")
+        val_ce = logs.get(f"val_{CE_METRIC}")
         rate = logs.get("learning_rate")
         record = EpochRecord(
             epoch=epoch + 1,
@@ -475,6 +484,7 @@ class _EpochLog:
             seconds=seconds,
             images_per_second=self.n_train / train_seconds,
             learning_rate=None if rate is None else float(rate),
+            val_ce_loss=None if val_ce is None else float(val_ce),
         )
         if self.checkpoint_dir is not None:
             _write_checkpoint(

@@ -393,17 +393,53 @@ def test_history_of_a_running_job_holds_its_finished_epochs(client, make_job, ad
     body = client.get(f"/jobs/{job.id}/history").json()
     assert set(body) == {"job_id", "status", "epochs", "history", "analysis"}
     assert body["job_id"] == str(job.id) and body["status"] == "running"
-    assert body["epochs"] == [row | {"learning_rate": None} for row in rows]
+    assert body["epochs"] == [row | {"learning_rate": None, "val_ce_loss": None} for row in rows]
     assert body["history"] == {
         key: [row.get(key) for row in rows]
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "val_ce_loss")
     }
     analysis = body["analysis"]
-    # Validation loss is lowest at epoch 2 and training loss keeps falling afterwards.
+    # Validation loss is lowest at epoch 2 and ends 0.1 above it (beyond 5% of 1.5) while
+    # training loss keeps falling: overfitting, with the numbers the verdict rests on.
     assert analysis["best_epoch"] == 2
     assert analysis["overfitting_after_epoch"] == 2
     assert analysis["final_gap"] == pytest.approx(0.6 - 0.45)
     assert analysis["max_gap"] == pytest.approx(0.6 - 0.45)
+    verdict = analysis["verdict"]
+    assert verdict["kind"] == "overfitting"
+    assert verdict["best_epoch"] == 2 and verdict["epochs"] == 3
+    assert verdict["val_loss_rise"] == pytest.approx(0.1)
+    assert verdict["tolerance"] == pytest.approx(0.075)
+    assert verdict["train_at_or_below_val"] == 1
+    assert "beyond the tolerance of 0.075" in verdict["reason"]
+
+
+def test_history_returns_the_plain_cross_entropy_and_an_under_fitting_verdict(
+    client, make_job, session_factory
+):
+    """NET III's shape: training accuracy at or below validation in most epochs, a small
+    late rise of val_loss; val_ce_loss (no L2, no smoothing) comes back beside val_loss."""
+    from app.models import EpochMetric
+
+    job = make_job("succeeded", net="net3", epochs=4)
+    acc, val_acc = [0.30, 0.45, 0.52, 0.58], [0.40, 0.50, 0.56, 0.57]
+    val_loss = [1.50, 1.30, 1.20, 1.23]
+    with session_factory() as session:
+        session.add_all(
+            EpochMetric(job_id=job.id, epoch=i + 1, loss=2.0 - 0.2 * i, accuracy=acc[i],
+                        val_loss=val_loss[i], val_accuracy=val_acc[i], seconds=1.0,
+                        val_ce_loss=val_loss[i] - 0.3)
+            for i in range(4)
+        )  # fmt: skip
+        session.commit()
+    body = client.get(f"/jobs/{job.id}/history").json()
+    assert body["history"]["val_ce_loss"] == pytest.approx([1.2, 1.0, 0.9, 0.93])
+    assert [e["val_ce_loss"] for e in body["epochs"]] == pytest.approx([1.2, 1.0, 0.9, 0.93])
+    analysis = body["analysis"]
+    assert analysis["verdict"]["kind"] == "underfitting"
+    assert analysis["verdict"]["train_at_or_below_val"] == 3
+    assert "within the tolerance of 0.060" in analysis["verdict"]["reason"]
+    assert analysis["overfitting_after_epoch"] is None
 
 
 def test_history_without_epochs_is_empty(client, make_job):
@@ -416,8 +452,10 @@ def test_history_without_epochs_is_empty(client, make_job):
         "val_loss": [],
         "val_accuracy": [],
         "learning_rate": [],
+        "val_ce_loss": [],
     }
     assert body["analysis"]["best_epoch"] is None
+    assert body["analysis"]["verdict"] is None
 
 
 def test_history_png_is_an_image_once_epochs_exist(client, make_job, add_epochs, expect_error):

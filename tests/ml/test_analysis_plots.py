@@ -53,6 +53,7 @@ def test_without_validation_everything_is_none():
         "final_gap": None,
         "max_gap": None,
         "max_gap_epoch": None,
+        "verdict": None,
     }
     assert analyse([]).best_epoch is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import shutil
 import tarfile
@@ -405,6 +406,63 @@ def test_subset_is_seeded_paired_and_bounded(archives):
         subset(d, 0)
 
 
+# --- provenance: which archive, its sha256, and which test image is "the first" ---------------
+
+
+def test_a_tree_archive_states_its_sha256_and_names_its_first_test_image(archives, tmp_path):
+    root, _ = archives.tree(".png", train_per_class=2, test_per_class=3)
+    archive = tar_folder(root, tmp_path / "tree.tar.gz")
+    d = load_cifar10(str(archive), workers=1)
+    assert d.archive == "tree.tar.gz"
+    assert d.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+    # The definition is the loader's: paths sorted, then the fixed permutation; it names the
+    # first image, and that file holds exactly the first test image's pixels and class.
+    assert "sorted by path, then permuted by numpy.random.default_rng(0)" in d.test_order
+    first = d.test_order.rsplit(": ", 1)[1]
+    assert first == d.first_test_file
+    split, cls, _ = first.split("/")
+    assert split == "test" and CLASS_NAMES.index(cls) == d.y_test[0]
+    with Image.open(root / first) as im:
+        np.testing.assert_array_equal(np.asarray(im), d.x_test[0])
+    facts = data_module.provenance(d).to_dict()
+    assert facts == {
+        "archive": "tree.tar.gz",
+        "sha256": d.sha256,
+        "first_test_image": d.test_order,
+        "train_images": 20,
+        "test_images": 30,
+    }
+
+
+def test_official_sources_keep_the_file_order_and_a_folder_gets_a_digest_of_its_files(archives):
+    folder, expected = archives.official_dir(rows=4)
+    d = load_cifar10(str(folder))
+    assert d.test_order == data_module.OFFICIAL_TEST_ORDER
+    np.testing.assert_array_equal(d.x_test[0], expected.x_test[0])
+    assert d.archive == folder.name and d.sha256 == data_module.tree_sha256(folder)
+    before = d.sha256
+    (folder / "readme.html").write_text("<p>changed</p>")
+    assert data_module.tree_sha256(folder) != before
+
+
+def test_the_cache_keeps_the_provenance_and_a_subset_keeps_it_too(archives, tmp_path):
+    archive, _ = archives.official_tar(rows=4)
+    cache = tmp_path / "cache"
+    first = load_cifar10(str(archive), cache)
+    again = load_cifar10(str(archive), cache)
+    assert "cached" in again.source
+    for field in ("archive", "sha256", "test_layout", "first_test_file", "test_order"):
+        assert getattr(again, field) == getattr(first, field)
+    assert again.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+    small = subset(again, 5, seed=3)
+    assert (small.archive, small.sha256, small.test_order) == (
+        again.archive,
+        again.sha256,
+        again.test_order,
+    )
+    assert "seeded random subset of the test images" in subset(again, 5, 2, 3).test_order
+
+
 # --- the real archive (fixture cifar10_archive; decoded once, then served from var/test-cache) ---
 
 
@@ -425,3 +483,12 @@ def test_real_jpeg_archive(cifar10_archive, cifar10_cache):
             first = np.asarray(im)
     cls = CLASS_NAMES.index(Path(member.name).parent.name)
     assert (d.x_train[d.y_train == cls] == first).all(axis=(1, 2, 3)).any()
+    # What every job records of it: the archive's sha256, and which file is the first test image.
+    assert d.sha256 == data_module.file_sha256(cifar10_archive)
+    name = d.test_order.rsplit(": ", 1)[1]
+    with tarfile.open(cifar10_archive, "r|gz") as tar:
+        member = next(m for m in tar if m.name.removeprefix("./").endswith(name))
+        reader = tar.extractfile(member)
+        assert reader is not None
+        with Image.open(reader) as im:
+            np.testing.assert_array_equal(np.asarray(im), d.x_test[0])

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from app.ml import backend
-from app.ml.data import Cifar10
-from app.ml.evaluation import confusion_matrix, evaluate
+from app.ml.data import Cifar10, normalise
+from app.ml.evaluation import confusion_matrix, cross_entropy, evaluate
 from app.ml.training import (
     EpochRecord,
     TrainConfig,
     TrainingError,
+    build_compiled,
     checkpoint_epoch,
     split_validation,
     train,
@@ -147,6 +148,35 @@ def test_evaluate_reports_first_image_and_confusion():
     assert evaluation.first_image["true_class"] == int(data.y_test[0])
     assert np.asarray(evaluation.confusion_matrix).sum() == len(data.y_test)
     assert len(evaluation.per_class_accuracy) == 10
+
+
+@pytest.mark.parametrize("loop", ["fit", *FAST_LOOPS])
+def test_every_loop_records_the_plain_cross_entropy_beside_the_smoothed_val_loss(loop):
+    """val_loss is the training objective (here label-smoothed); val_ce_loss is the plain
+    cross-entropy of the same weights on the same images, the loss that compares across jobs."""
+    data = synthetic(n_train=150)  # 120 training images, 30 for validation
+    result = train(config(epochs=2, label_smoothing=0.2), data, loop=loop)
+    assert all(r.val_ce_loss is not None for r in result.epochs)
+    last = result.epochs[-1]
+    x_val, y_val = normalise(data.x_train[120:]), data.y_train[120:]
+    probs = np.asarray(result.model.predict(x_val, batch_size=32, verbose=0), dtype=np.float64)
+    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+    plain = -np.log(clipped[np.arange(len(y_val)), y_val]).mean()
+    smoothed = 0.8 * -np.log(clipped[np.arange(len(y_val)), y_val]) + 0.02 * -np.log(clipped).sum(1)
+    assert last.val_ce_loss == pytest.approx(plain, rel=1e-4)
+    assert last.val_loss == pytest.approx(smoothed.mean(), rel=1e-4)
+    assert last.val_loss != pytest.approx(last.val_ce_loss, rel=1e-3)
+
+
+def test_evaluate_reports_the_plain_cross_entropy_without_weight_penalties():
+    """NET III's compiled loss holds its L2 penalties; test_ce_loss is the cross-entropy alone."""
+    data = synthetic(n_train=40, n_test=20)
+    model = build_compiled(config(net="net3"), "float32")
+    evaluation = evaluate(model, data.x_test, data.y_test)
+    probs = np.asarray(model.predict(normalise(data.x_test), verbose=0), dtype=np.float64)
+    assert evaluation.test_ce_loss == pytest.approx(cross_entropy(probs, data.y_test), rel=1e-5)
+    assert evaluation.test_loss > evaluation.test_ce_loss + 0.01  # the L2 penalty
+    assert evaluation.data is None  # the worker adds which data it was
 
 
 def test_confusion_matrix_by_hand():

@@ -261,9 +261,21 @@ class Api:
         assert [row["epoch"] for row in history["epochs"]] == list(range(1, epochs + 1))
         assert len(history["history"]["val_accuracy"]) == epochs
         assert all(0 <= acc <= 1 for acc in history["history"]["accuracy"])
+        # The plain cross-entropy of every epoch, and the verdict on the curves (issue 20).
+        assert all(v is not None and v > 0 for v in history["history"]["val_ce_loss"])
+        assert history["analysis"]["verdict"]["epochs"] == epochs
         evaluation = self.http.get(f"/jobs/{job_id}/evaluation").json()
         assert 0.1 < evaluation["test_accuracy"] <= 1, evaluation  # better than chance
         assert len(evaluation["per_class_accuracy"]) == 10
+        assert evaluation["test_ce_loss"] > 0
+        # Which data the worker loaded: the archive, its sha256, which test image is first.
+        assert evaluation["data"] == {
+            "archive": cifar10.archive,
+            "sha256": cifar10.sha256,
+            "first_test_image": cifar10.test_order,
+            "train_images": len(cifar10.y_train),
+            "test_images": len(cifar10.y_test),
+        }
         png = self.http.get(f"/jobs/{job_id}/history.png")
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert png.content.startswith(b"\x89PNG\r\n\x1a\n")

@@ -46,6 +46,7 @@ def _record_values(record: EpochRecord | Mapping[str, Any]) -> dict[str, Any]:
         "learning_rate": (
             None if data.get("learning_rate") is None else float(data["learning_rate"])
         ),
+        "val_ce_loss": None if data.get("val_ce_loss") is None else float(data["val_ce_loss"]),
     }
 
 
