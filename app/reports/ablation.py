@@ -46,7 +46,7 @@ ARCHITECTURE = "architecture"
 NOISE_SE = 2.0  # standard errors: about 95% of the differences that noise alone gives
 
 
-def ablation_jobs(session: Session, sweep_id: uuid.UUID) -> list[tuple[str, Any, Any]]:
+def ablation_jobs(session: Session, sweep_id: uuid.UUID) -> Sequence[tuple[str, Any, Any]]:
     """The ablation's (role, levers, job) triples, from the sweeps service (the report reads
     the role and the job; the levers are named by the role).
 

@@ -252,7 +252,7 @@ def net_entry(net: str) -> NetEntry:
     )
 
 
-AblationSource = Callable[["Session", uuid.UUID], list[tuple[str, dict[str, Any], Any]]]
+AblationSource = Callable[["Session", uuid.UUID], Sequence[tuple[str, Any, Any]]]
 
 
 def collect(
