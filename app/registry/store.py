@@ -45,7 +45,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from app.config import Settings
-from app.errors import ArtifactMissing
+from app.errors import ArtifactMissing, ModelIntegrityError
 from app.files import file_digest, resolve_artifact, write_atomically
 
 if TYPE_CHECKING:
@@ -163,8 +163,8 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def fetch_model(self, key: str, sha256: str) -> Path:
-        """A local file holding the registered model `key` (ArtifactMissing if the store has
-        none; ModelIntegrityError when a copy does not match `sha256`)."""
+        """A local file holding the registered model `key`, checked against `sha256`
+        (ArtifactMissing if the store has none, ModelIntegrityError if it does not match)."""
 
     @abstractmethod
     def published_versions(self) -> dict[tuple[str, int], float]:
@@ -299,11 +299,17 @@ class LocalArtifactStore(ArtifactStore):
         return StoredArtifact(final, sha256, size, key)
 
     def fetch_model(self, key: str, sha256: str) -> Path:
-        """The store's own file: the folder is local, so there is nothing to copy (the
-        loader checks the sha256, as it always did)."""
+        """The store's own file, once its sha256 is checked: the folder is local, so there
+        is nothing to copy."""
         path = self.local_path(key)
         if not path.is_file():
             raise ArtifactMissing(f"the store has no file for {key}")
+        digest = file_digest(path)[0]
+        if digest != sha256.lower():
+            raise ModelIntegrityError(
+                f"the stored artifact {key} has sha256 {digest}, but {sha256} was registered; "
+                "refusing to use a modified file"
+            )
         return path
 
     def published_versions(self) -> dict[tuple[str, int], float]:
