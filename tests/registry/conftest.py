@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.registry.store import ArtifactStore, LocalArtifactStore
-from tests.s3_server import S3Server, s3_server  # noqa: F401  (the fixture, for this folder)
+from tests.s3_server import S3Server
 
 # A host's view of the store: each call is another process with its own scratch folder.
 Hosts = Callable[[], ArtifactStore]
@@ -46,6 +46,6 @@ def hosts(request: pytest.FixtureRequest, tmp_path: Path) -> Hosts:
 
 
 @pytest.fixture
-def s3_hosts(s3_server: S3Server, tmp_path: Path) -> Hosts:  # noqa: F811
+def s3_hosts(s3_server: S3Server, tmp_path: Path) -> Hosts:
     """The same for the S3 store alone (what only an object store does: uploads)."""
     return s3_hosts_on(s3_server, tmp_path)

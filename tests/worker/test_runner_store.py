@@ -12,7 +12,6 @@ from app.jobs.runner import Outcome, run_job
 from app.models import EpochMetric, Job, ModelVersion
 from app.registry.store import open_store
 from tests.faults.conftest import write_tiny_cifar10
-from tests.s3_server import s3_server  # noqa: F401  (the fixture)
 
 
 def test_a_job_resumes_on_another_host_from_the_stores_checkpoint_then_is_served(
@@ -21,7 +20,7 @@ def test_a_job_resumes_on_another_host_from_the_stores_checkpoint_then_is_served
     session_factory,
     s3_server,
     tmp_path: Path,
-    client_for,  # noqa: F811
+    client_for,
 ):
     from app.jobs.checkpoints import DurableEpochs
     from app.ml.data import load_cifar10
