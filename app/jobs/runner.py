@@ -437,9 +437,14 @@ class _Runner:
         return Outcome.LOST
 
     def _clean_up(self) -> None:
-        """A terminal job never resumes: its checkpoint and staged file are dead weight."""
-        self.store.discard_checkpoints(self.job.id)
-        self.store.discard_staging(self.job.id)
+        """A terminal job never resumes: its checkpoint and staged file are dead weight.
+
+        The job has ended already, so a store that fails now changes nothing: the sweep
+        removes the files once it answers again."""
+        try:
+            self.store.discard_job_files(self.job.id)
+        except OSError as exc:
+            log.warning("job %s: its files stay for the sweep: %s", self.job.id, exc)
 
 
 # ----------------------------------------------------------------------------- retries

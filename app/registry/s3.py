@@ -363,7 +363,7 @@ class _S3Checkpoints(CheckpointSync):
 
     def _download(self, unit: str) -> None:
         files = manifest_files(self.store._read(f"{self._prefix}{unit}/{MANIFEST_FILE}"))
-        target = self.local_dir.parent / f".restore-{uuid.uuid4().hex}"
+        target = self._snapshots / f"restore-{uuid.uuid4().hex}"
         try:
             for relative, (sha256, _size) in files.items():
                 path = target / relative
@@ -372,6 +372,7 @@ class _S3Checkpoints(CheckpointSync):
                 if file_digest(path)[0] != sha256:
                     raise ValueError(f"{relative} does not match its manifest")
             target.mkdir(parents=True, exist_ok=True)
+            self.local_dir.parent.mkdir(parents=True, exist_ok=True)
             os.rename(target, self.local_dir)
         finally:
             shutil.rmtree(target, ignore_errors=True)
