@@ -32,6 +32,18 @@ class Settings(BaseSettings):
 
     # Artifacts (.keras models, checkpoints). Empty means STATE_DIR/artifacts.
     ARTIFACT_DIR: Path | None = None
+    # Where models and checkpoints live (app/registry/store.py): `file://<folder>` or
+    # `s3://<bucket>/<prefix>`. Empty means file://ARTIFACT_DIR, a folder every process sees.
+    # With S3, credentials and region come from the standard AWS variables
+    # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ...).
+    ARTIFACT_STORE: str = Field(default="", max_length=1024)
+    # An S3-compatible server (SeaweedFS, Garage, moto...); empty means AWS itself.
+    S3_ENDPOINT_URL: str = Field(default="", max_length=1024)
+    # This process's own disposable folder: checkpoints on their way to an object store, the
+    # staged model, the local copies of served models. Empty means STATE_DIR/scratch.
+    SCRATCH_DIR: Path | None = None
+    # Local copies of models from an object store kept on disk (least recently used go first).
+    MODEL_CACHE_DISK_BYTES: int = Field(default=4 * 1024**3, ge=0, le=2**50)
     # Decoded CIFAR-10 arrays. Empty means STATE_DIR/cache.
     CACHE_DIR: Path | None = None
     # "keras" downloads through keras.datasets; anything else is a local path.
@@ -54,8 +66,11 @@ class Settings(BaseSettings):
     # A queued job not picked up this long after it was sent is sent again (the broker may
     # have lost it); duplicates are harmless because only one claim in the database wins.
     QUEUED_RESEND_S: float = Field(default=300.0, gt=0)
-    # Checkpoints and staged files of a job that ended this long ago are removed by the sweep.
+    # Checkpoints and staged files of a job that ended this long ago are removed by the sweep,
+    # and so are model files published this long ago that no registry row points at.
     CLEANUP_GRACE_S: float = Field(default=600.0, ge=0)
+    # How often a worker's sweep looks for such unregistered model files (a listing of models/).
+    ORPHAN_SCAN_S: float = Field(default=60.0, gt=0, le=86_400)
     # Infrastructure faults (artifact store unwritable or full, database unreachable): the
     # worker retries in place with back-off (1 s doubling up to INFRA_BACKOFF_MAX_S) for up
     # to INFRA_RETRY_S, then hands the job back without using an attempt; after
@@ -165,6 +180,15 @@ class Settings(BaseSettings):
     @property
     def artifact_dir(self) -> Path:
         return (self.ARTIFACT_DIR or self.STATE_DIR / "artifacts").resolve()
+
+    @property
+    def artifact_store(self) -> str:
+        """The store's URL: ARTIFACT_STORE, or the artifact folder as a file:// URL."""
+        return self.ARTIFACT_STORE or f"file://{self.artifact_dir}"
+
+    @property
+    def scratch_dir(self) -> Path:
+        return (self.SCRATCH_DIR or self.STATE_DIR / "scratch").resolve()
 
     @property
     def cache_dir(self) -> Path:

@@ -53,6 +53,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+# moto's S3 server on loopback, for the artifact store's tests (tests/s3_server.py).
+from tests.s3_server import s3_server  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
@@ -16,11 +16,11 @@ from app.api.deps import (
     TrainAccess,
     TrainPrincipal,
 )
-from app.errors import ArtifactMissing
+from app.errors import ArtifactMissing, ModelArtifactError, ModelUnavailable
 from app.models import ModelVersion
 from app.registry import service as registry
 from app.registry import versions
-from app.registry.store import LocalArtifactStore
+from app.registry.store import open_store
 from app.schemas import (
     ALIAS_PATTERN,
     INT32_MAX,
@@ -112,25 +112,55 @@ def set_alias(
     return AliasPublic.model_validate(row)
 
 
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The .keras file."},
+    404: {
+        "description": "No such version (`model_not_found`), or its file is gone from the "
+        "store (`artifact_missing`)."
+    },
+    503: {
+        "description": "The store cannot be reached, or its file does not match the "
+        "registered sha256 (`model_unavailable`)."
+    },
+}
+
+
 @router.get(
     "/{name}/versions/{version}/artifact",
     response_class=FileResponse,
     dependencies=[ReadAccess],
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "The .keras file."},
-        404: {"description": "No such version, or its file is gone (`artifact_missing`)."},
-    },
+    responses=DOWNLOAD_RESPONSES,
 )
 def download_artifact(
     name: Name, version: Version, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
+    """The version's `.keras` file, streamed from this process's copy of the stored one."""
     row = registry.existing_version(session, name, version)
-    path = LocalArtifactStore.from_settings(settings).local_path(row.artifact_path)
-    if not path.is_file():
-        raise ArtifactMissing(f"the artifact file of {name} version {version} is missing")
+    what = f"the artifact file of {name} version {version}"
+    try:
+        path = open_store(settings).fetch_model(row.artifact_path, row.sha256)
+    except ArtifactMissing:
+        raise ArtifactMissing(f"{what} is missing") from None
+    except ModelArtifactError:
+        raise ModelUnavailable(f"{what} does not match its registered sha256") from None
+    except OSError:
+        raise ModelUnavailable(f"{what} cannot be read: the artifact store failed") from None
     return FileResponse(
         path,
         media_type="application/octet-stream",
         filename=f"{name}-v{version}.keras",
         headers={"ETag": f'"{row.sha256}"', "X-Checksum-Sha256": row.sha256},
     )
+
+
+@router.get(
+    "/{name}/{version}/download",
+    response_class=FileResponse,
+    dependencies=[ReadAccess],
+    responses=DOWNLOAD_RESPONSES,
+)
+def download(
+    name: Name, version: Version, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    """The same file as /models/{name}/versions/{version}/artifact, at the shorter address."""
+    return download_artifact(name, version, session, settings)

@@ -29,10 +29,11 @@ from app.errors import public_message
 from app.jobs import execution
 from app.jobs.execution import StopReason
 from app.models import Job
-from app.registry.store import LocalArtifactStore
+from app.registry.store import CheckpointSync, open_store
 
 if TYPE_CHECKING:
-    from app.ml.training import EpochRecord
+    from app.ml.data import Cifar10
+    from app.ml.training import EpochRecord, TrainConfig, TrainResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -196,7 +197,7 @@ class _Runner:
         beat: _Heartbeat,
     ) -> None:
         self.settings, self.sessions, self.job, self.token = settings, sessions, job, token
-        self.store = LocalArtifactStore.from_settings(settings)
+        self.store = open_store(settings)
         self.control = _Control(sessions, job.id, token, shutdown, beat)
         self.device = "unknown"
 
@@ -241,7 +242,7 @@ class _Runner:
 
     def _infrastructure_fault(self, exc: BaseException) -> Outcome:
         """Hand the job back after a back-off, keeping its checkpoint and its attempts."""
-        message = infrastructure_message(exc, self.settings)
+        message = infrastructure_message(exc, self.settings, self.store.location)
         log.warning("job %s: infrastructure fault: %s", self.job.id, message, exc_info=True)
         try:
             backoff = min(2.0**self.job.infra_failures, self.settings.INFRA_BACKOFF_MAX_S)
@@ -267,7 +268,7 @@ class _Runner:
         """
 
         def before_retry(exc: Exception, delay: float) -> None:
-            message = infrastructure_message(exc, self.settings)
+            message = infrastructure_message(exc, self.settings, self.store.location)
             log.warning(
                 "job %s: %s failed, retrying in %.0f s: %s", self.job.id, what, delay, message
             )
@@ -291,9 +292,7 @@ class _Runner:
             configure_devices,
             describe_device,
             resolve_precision,
-            train,
         )
-        from app.sweeps.trials import TrialHook
 
         job, settings = self.job, self.settings
         configure_devices()
@@ -310,30 +309,13 @@ class _Runner:
 
         data = load_cifar10(settings.CIFAR10_SOURCE, cache_dir=settings.cache_dir)
         self.control.checkpoint()
-        checkpoint_dir = self.store.checkpoint_dir(job.id)
-        if not self._align_checkpoint(checkpoint_dir):
+        checkpoints = self.store.checkpoints(job.id)
+        try:
+            result = self._fit(config, data, checkpoints)
+        finally:
+            checkpoints.close()
+        if result is None:
             return Outcome.LOST
-        # A sweep's trial gets each stored epoch's verdict from the sweep's pruner.
-        trial = self._db(TrialHook.for_job, self.sessions)
-        if trial is not None and trial.stop_reason is not None:
-            self.control.end_early(trial.stop_reason)  # decided before this worker took over
-        self.control.checkpoint()
-
-        def on_epoch(record: EpochRecord) -> None:
-            if not self._db(execution.record_epoch, record, token=self.token):
-                self.control.lose()  # should_stop() ends the fit at the next batch
-                return
-            why = trial(record) if trial is not None else None
-            if why is not None:
-                self.control.end_early(why)
-
-        result = train(
-            config,
-            data,
-            on_epoch=on_epoch,
-            should_stop=self.control.should_stop,
-            checkpoint_dir=checkpoint_dir,
-        )
         if result.cancelled or self.control.reason is not None:
             return self._stopped()
         self.control.checkpoint()
@@ -375,14 +357,56 @@ class _Runner:
         self._clean_up()
         return Outcome.SUCCEEDED
 
+    def _fit(
+        self, config: TrainConfig, data: Cifar10, checkpoints: CheckpointSync
+    ) -> TrainResult | None:
+        """Resume from the store's checkpoint and train; None when the claim was lost.
+
+        Every epoch's row is stored once its checkpoint is durable in the store
+        (app/jobs/checkpoints.py); a fit that ends normally waits for the last one.
+        """
+        from app.jobs.checkpoints import DurableEpochs
+        from app.ml.training import train
+        from app.sweeps.trials import TrialHook
+
+        self._retry_infrastructure("restoring the checkpoint", checkpoints.restore)
+        if not self._align_checkpoint(checkpoints.local_dir):
+            return None
+        # A sweep's trial gets each stored epoch's verdict from the sweep's pruner.
+        trial = self._db(TrialHook.for_job, self.sessions)
+        if trial is not None and trial.stop_reason is not None:
+            self.control.end_early(trial.stop_reason)  # decided before this worker took over
+        self.control.checkpoint()
+
+        def record(epoch: EpochRecord) -> None:
+            if not self._db(execution.record_epoch, epoch, token=self.token):
+                self.control.lose()  # should_stop() ends the fit at the next batch
+                return
+            why = trial(epoch) if trial is not None else None
+            if why is not None:
+                self.control.end_early(why)
+
+        durable = DurableEpochs(checkpoints, record)
+        result = train(
+            config,
+            data,
+            on_epoch=durable.on_epoch,
+            should_stop=self.control.should_stop,
+            checkpoint_dir=checkpoints.local_dir,
+            callbacks=[durable],
+        )
+        if not result.cancelled and self.control.reason is None:
+            checkpoints.finish()
+        return result
+
     def _align_checkpoint(self, checkpoint_dir: Path) -> bool:
         """Make the checkpoint and the stored history agree before resuming.
 
-        The training core writes the checkpoint (with every epoch record so far) just
-        before it reports the epoch, so a worker killed between the two leaves the
-        checkpoint ahead of the history: the missing rows are refilled from the
-        checkpoint's records. A checkpoint behind the history (a host without the shared
-        artifact volume) cannot be resumed without a gap, so such a job restarts from 1.
+        An epoch's row is stored only once its checkpoint (with every epoch record so far)
+        is durable in the store, so a worker killed between the two leaves the checkpoint
+        ahead of the history: the missing rows are refilled from the checkpoint's records.
+        A checkpoint behind the history (a store that lost it) cannot be resumed without a
+        gap, so such a job restarts from 1.
         """
         from app.ml.training import checkpoint_epoch, checkpoint_records
 
@@ -436,9 +460,14 @@ class _Runner:
         return Outcome.LOST
 
     def _clean_up(self) -> None:
-        """A terminal job never resumes: its checkpoint and staged file are dead weight."""
-        self.store.discard_checkpoints(self.job.id)
-        self.store.discard_staging(self.job.id)
+        """A terminal job never resumes: its checkpoint and staged file are dead weight.
+
+        The job has ended already, so a store that fails now changes nothing: the sweep
+        removes the files once it answers again."""
+        try:
+            self.store.discard_job_files(self.job.id)
+        except OSError as exc:
+            log.warning("job %s: its files stay for the sweep: %s", self.job.id, exc)
 
 
 # ----------------------------------------------------------------------------- retries
@@ -522,22 +551,31 @@ def is_infrastructure_fault(exc: BaseException) -> bool:
     return any(is_database_fault(item) for item in _chain(exc)) or _storage_error(exc) is not None
 
 
-def infrastructure_message(exc: BaseException, settings: Settings) -> str:
-    """What is wrong, in words an operator can act on."""
+def infrastructure_message(
+    exc: BaseException, settings: Settings, location: str | None = None
+) -> str:
+    """What is wrong, in words an operator can act on. `location` names the artifact store
+    (a folder or a bucket); the configured one by default."""
     storage = _storage_error(exc)
     if storage is not None:
-        where = storage.filename or settings.artifact_dir
+        store = location or open_store(settings).location
+        where = storage.filename or store
+        keeps = "The job keeps its checkpoint and history and resumes when the store is writable"
+        advice = getattr(storage, "advice", None)
+        if advice is not None:  # the store's own words (an object store that is unreachable)
+            return (
+                f"the artifact store ({store}) failed: {where}: {storage.strerror}; "
+                f"{advice}. {keeps}"
+            )
         if storage.errno in {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}:
             return (
-                f"the artifact store ({settings.artifact_dir}) is full: writing {where} failed "
-                f"({storage.strerror}); free space or enlarge its volume. The job keeps its "
-                "checkpoint and history and resumes when the store is writable"
+                f"the artifact store ({store}) is full: writing {where} failed "
+                f"({storage.strerror}); free space or enlarge its volume. {keeps}"
             )
         return (
-            f"the artifact store ({settings.artifact_dir}) is not writable: {where}: "
+            f"the artifact store ({store}) is not writable: {where}: "
             f"{storage.strerror}; check the volume is mounted read-write and owned by the "
-            "worker's user. The job keeps its checkpoint and history and resumes when the "
-            "store is writable"
+            f"worker's user. {keeps}"
         )
     return (
         f"the database is unreachable ({type(exc).__name__}: {str(exc).splitlines()[0]}); "

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 from app.config import Settings
 from app.db import session_factory
 from app.jobs import execution
 from app.jobs.queue import enqueue_training
-from app.registry.store import LocalArtifactStore
+from app.registry.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,19 @@ def advance_sweeps_once(settings: Settings) -> None:
                 report.asked,
                 ", finished" if report.finished else "",
             )
+# When this process last looked for orphaned model files (a listing of every model's files,
+# so at most every ORPHAN_SCAN_S, not every sweep).
+_orphan_scan = {"next": 0.0}
+_orphan_lock = threading.Lock()
+
+
+def _orphan_scan_due(settings: Settings) -> bool:
+    with _orphan_lock:
+        now = time.monotonic()
+        if now < _orphan_scan["next"]:
+            return False
+        _orphan_scan["next"] = now + settings.ORPHAN_SCAN_S
+        return True
 
 
 def sweep_once(settings: Settings) -> execution.SweepReport:
@@ -50,9 +64,10 @@ def sweep_once(settings: Settings) -> execution.SweepReport:
             session,
             settings,
             lambda job_id: send_training(settings, job_id),
-            store=LocalArtifactStore.from_settings(settings),
+            store=open_store(settings),
+            orphans=_orphan_scan_due(settings),
         )
-    for what in ("requeued", "failed", "cancelled", "resent", "cleaned"):
+    for what in ("requeued", "failed", "cancelled", "resent", "cleaned", "orphans"):
         ids = getattr(report, what)
         if ids:
             log.info("sweep %s %d job(s): %s", what, len(ids), ", ".join(map(str, ids)))

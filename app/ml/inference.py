@@ -160,6 +160,8 @@ class ModelCache:
     The key holds no alias: a request resolves its alias through the registry first, so when
     an alias moves the next request asks for the new version, and the old Predictor stays
     until it is evicted. Two threads asking for the same missing key load it once.
+    `locate(row)` gives the local file to load (the service's: a copy from the artifact
+    store, fetched and checked on a miss); without it, the row's path under `artifact_dir`.
     """
 
     def __init__(
@@ -167,12 +169,14 @@ class ModelCache:
         size: int,
         *,
         artifact_dir: Path | None = None,
+        locate: Callable[[VersionLike], Path] | None = None,
         loader: Callable[[VersionLike, Path], Predictor] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be at least 1. Received: size={size}")
         self.size = size
         self.artifact_dir = artifact_dir
+        self._locate = locate
         self._loader = loader or _load_registered
         self._entries: OrderedDict[tuple[str, int, str], Predictor] = OrderedDict()
         self._lock = threading.Lock()
@@ -180,6 +184,8 @@ class ModelCache:
 
     def artifact_path(self, row: VersionLike) -> Path:
         """The artifact file; a relative path is taken relative to the artifact directory."""
+        if self._locate is not None:
+            return self._locate(row)
         if self.artifact_dir is None:
             return Path(row.artifact_path)
         return resolve_artifact(self.artifact_dir, row.artifact_path)

@@ -7,9 +7,12 @@ version (and every alias, which can only point at a version) is ready to serve.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import ModelNotFound as ModelNotFound
@@ -103,3 +106,35 @@ def set_alias(session: Session, name: str, alias: str, version: int) -> ModelAli
         row.version = version
     session.flush()
     return row
+
+
+@contextmanager
+def version_slot(session: Session, name: str, version: int) -> Iterator[bool]:
+    """Hold (name, version) without registering it, for as long as the block runs.
+
+    An uncommitted row in the slot, rolled back at the end, so no reader ever sees it. The
+    unique index makes a registration of the same version wait until the block ends (and a
+    block wait for a registration in progress). Yields False when the version is registered
+    (committed, or committed meanwhile): then the slot is not ours.
+    """
+    placeholder = ModelVersion(
+        name=name,
+        version=version,
+        net="",
+        job_id=None,
+        artifact_path="",
+        sha256="",
+        size_bytes=0,
+        metrics={},
+    )
+    session.add(placeholder)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        session.rollback()

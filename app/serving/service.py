@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.errors import (
+    ArtifactMissing,
     InputError,
     ModelArtifactError,
     ModelIntegrityError,
@@ -41,6 +42,7 @@ from app.errors import (
 from app.metrics import cache_hit, cache_load, counting_batches, note_predict
 from app.ml.inference import ModelCache, Predictor
 from app.ml.nets import CLASS_NAMES
+from app.registry.store import open_store
 from app.schemas import PredictOptions
 from app.serving import inputs
 from app.serving.batching import MicroBatcher
@@ -62,9 +64,8 @@ class PredictionService:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
         self.registry = RegistryView(sessions)
-        self.cache = ModelCache(
-            settings.MODEL_CACHE_SIZE, artifact_dir=settings.artifact_dir, loader=self._load
-        )
+        self.store = open_store(settings)
+        self.cache = ModelCache(settings.MODEL_CACHE_SIZE, locate=self._locate, loader=self._load)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.PREDICT_THREADS, thread_name_prefix="predict"
         )
@@ -226,6 +227,16 @@ class PredictionService:
             for old in [k for k in self._batchers if k not in loaded and k != key]:
                 self._batchers.pop(old).close()
         return batcher
+
+    def _locate(self, row: Any) -> Path:
+        """The version's local file, from the artifact store (copied into this process's
+        cache and checked against the registered sha256 when the store is remote)."""
+        try:
+            return self.store.fetch_model(row.artifact_path, row.sha256)
+        except ArtifactMissing as exc:
+            raise ModelArtifactError(str(exc)) from exc
+        except OSError as exc:  # the store is unreachable: the same answer, 503, for now
+            raise ModelArtifactError(f"the artifact store failed: {exc.strerror}") from exc
 
     def _load(self, row: Any, path: Path) -> Predictor:
         predictor = Predictor.from_path(path, row.sha256, name=row.name, version=row.version)

@@ -159,6 +159,7 @@ ROUTES = [
     Route("GET", "/models/model-a", ("read",), 200),
     Route("PUT", "/models/model-a/aliases/production", ("train",), 200, owned=True, kwargs={"json": {"version": 1}}),
     Route("GET", "/models/model-a/versions/1/artifact", ("read",), 200),
+    Route("GET", "/models/model-a/1/download", ("read",), 200),
     Route("POST", "/predict", ("predict",), 200, kwargs=INSTANCES),
     Route("POST", "/predict/image", ("predict",), 200, kwargs={"data": {"model": "model-a"}, "files": {"file": ("x.png", png_bytes(), "image/png")}}),
     Route("GET", "/jobs/{job}/events", ("read", "train"), 200, owned=True),
@@ -191,6 +192,7 @@ def _template(path: str) -> str:
         .replace("/models/model-a", "/models/{name}")
         .replace("/aliases/production", "/aliases/{alias}")
         .replace("/versions/1/", "/versions/{version}/")
+        .replace("/1/download", "/{version}/download")
     )
 
 

@@ -14,7 +14,8 @@ common.py    the database clock, the conditional transition, the claim's fence
 claiming.py  claim -> ClaimResult(ClaimOutcome)
 progress.py  record_epoch, heartbeat, note_problem, control -> StopReason, mark_started, ...
 finish.py    finish_succeeded (with registration), finish_failed, finish_cancelled, hand_back
-recovery.py  sweep and release_worker: repair what dead workers and lost messages left
+recovery.py  sweep and release_worker: repair what dead workers and lost messages left, and
+             remove the files of terminal jobs and of models never registered
 """
 
 from app.jobs.execution.claiming import ClaimOutcome, ClaimResult, claim
@@ -42,7 +43,13 @@ from app.jobs.execution.progress import (
     note_problem,
     record_epoch,
 )
-from app.jobs.execution.recovery import SweepReport, clean_up_files, release_worker, sweep
+from app.jobs.execution.recovery import (
+    SweepReport,
+    clean_up_files,
+    release_worker,
+    remove_orphans,
+    sweep,
+)
 
 __all__ = [
     "ERROR_MAX_CHARS",
@@ -69,5 +76,6 @@ __all__ = [
     "note_problem",
     "record_epoch",
     "release_worker",
+    "remove_orphans",
     "sweep",
 ]

@@ -26,7 +26,8 @@ from app.jobs.execution.common import (
     stale_before,
     transition,
 )
-from app.models import Job, as_utc
+from app.models import Job, ModelVersion, as_utc
+from app.registry.versions import version_slot
 from app.states import JobStatus, is_terminal
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class SweepReport:
     cancelled: list[uuid.UUID] = field(default_factory=list)
     resent: list[uuid.UUID] = field(default_factory=list)
     cleaned: list[str] = field(default_factory=list)  # jobs whose leftover files were removed
+    orphans: list[str] = field(default_factory=list)  # "<name>/<version>" of unregistered models
 
 
 def _recover(
@@ -103,6 +105,8 @@ def sweep(
     settings: Settings,
     enqueue: Callable[[uuid.UUID], None],
     store: ArtifactStore | None = None,
+    *,
+    orphans: bool = False,
 ) -> SweepReport:
     """Repair what dead workers and lost messages left behind; safe to run anywhere, often.
 
@@ -112,7 +116,8 @@ def sweep(
     - queued and never sent (enqueued_at null) or sent more than QUEUED_RESEND_S ago and not
       picked up: sent again (the broker may have lost it; a duplicate is refused by claim);
     - with `store`: checkpoints and staged files of jobs that ended more than
-      CLEANUP_GRACE_S ago are removed, whoever ended them.
+      CLEANUP_GRACE_S ago are removed, whoever ended them; and with `orphans` too, the model
+      files that no registry row names, published more than CLEANUP_GRACE_S ago.
     """
     report = SweepReport()
     now = db_now(session)
@@ -165,6 +170,8 @@ def sweep(
 
     if store is not None:
         clean_up_files(session, settings, store, now, report)
+        if orphans:
+            remove_orphans(session, settings, store, report)
     return report
 
 
@@ -197,6 +204,36 @@ def clean_up_files(
         if gone:
             store.discard_job_files(name)
             report.cleaned.append(name)
+
+
+def remove_orphans(
+    session: Session, settings: Settings, store: ArtifactStore, report: SweepReport
+) -> None:
+    """Remove the files of model versions no registry row names, older than CLEANUP_GRACE_S.
+
+    They are what a crash between uploading a model and committing its registry row leaves
+    (the row is the commit point, so no reader ever saw them). Each is removed while this
+    sweep holds its (name, version) slot in the registry: a worker registering that version
+    right now either commits first (then the files are its own and stay) or waits for the
+    removal and then writes its files afresh.
+    """
+    found = store.published_versions()
+    old = {slot for slot, age in found.items() if age > settings.CLEANUP_GRACE_S}
+    if not old:
+        return
+    registered = set(
+        session.execute(
+            select(ModelVersion.name, ModelVersion.version).where(
+                ModelVersion.name.in_({name for name, _ in old})
+            )
+        ).tuples()
+    )
+    session.rollback()
+    for name, version in sorted(old - registered):
+        with version_slot(session, name, version) as ours:
+            if ours:
+                store.discard_version(name, version)
+                report.orphans.append(f"{name}/{version}")
 
 
 def _send(session: Session, job_id: uuid.UUID, enqueue: Callable[[uuid.UUID], None]) -> None:
