@@ -67,6 +67,7 @@ STATUS: dict[str, int] = {
     "model_unavailable": 503,
     # the service
     "database_unavailable": 503,
+    "not_ready": 503,
     # API keys and limits
     "key_not_found": 404,
     "key_name_taken": 409,
@@ -208,6 +209,10 @@ class DatabaseUnavailable(DomainError, code="database_unavailable"):
 
 
 # ----------------------------------------------------------------------------- access
+class NotReady(DomainError, code="not_ready"):
+    """GET /ready: this API process cannot serve yet (details: what it holds and why)."""
+
+
 class HostNotAllowed(DomainError, code="host_not_allowed"):
     """The Host header names no host of ALLOWED_HOSTS (DNS rebinding)."""
 

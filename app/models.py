@@ -272,3 +272,34 @@ class JobEvent(Base):
     epoch_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RateBucket(Base):
+    """One /predict caller's counters, shared by every API process (app/quotas.py).
+
+    Used where no Redis is configured. Times are Unix seconds: every API process of one
+    database runs on hosts whose clocks agree (NTP) to far better than a second.
+    """
+
+    __tablename__ = "rate_buckets"
+    __table_args__ = (Index("ix_rate_buckets_seen_at", "seen_at"),)
+
+    caller: Mapped[str] = mapped_column(String(160), primary_key=True)
+    # The hard cap (PREDICT_RATE_PER_S) and the fair share: images left, negative in debt.
+    hard: Mapped[float] = mapped_column(Float)
+    hard_at: Mapped[float] = mapped_column(Float)
+    fair: Mapped[float] = mapped_column(Float)
+    fair_at: Mapped[float] = mapped_column(Float)
+    seen_at: Mapped[float] = mapped_column(Float)
+
+
+class RateFleet(Base):
+    """The fleet's images per second (one row): the current second and the decaying peak."""
+
+    __tablename__ = "rate_fleet"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    second: Mapped[int] = mapped_column(BigInteger)
+    images: Mapped[float] = mapped_column(Float)
+    peak: Mapped[float] = mapped_column(Float)
+    peak_at: Mapped[float] = mapped_column(Float)

@@ -19,6 +19,8 @@ TABLES = {
     "api_keys",
     "model_owners",
     "job_events",
+    "rate_buckets",
+    "rate_fleet",
 }
 
 
