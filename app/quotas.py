@@ -173,7 +173,7 @@ ADMITTED = Verdict(0.0)
 @dataclass(frozen=True)
 class Outcome:
     """What a call to the shared counters answers: a verdict per ADMIT op, in order, and the
-    fleet as it stands (active callers, up to two of them by name, the capacity shared)."""
+    fleet as it stands (active callers, the one by name when there is one, the capacity)."""
 
     verdicts: list[Verdict]
     active: int
@@ -304,7 +304,7 @@ class DatabaseCounters:
             with self.engine.execution_options(read_only=True).connect() as conn:
                 fleet = self._fleet(conn, lock=False)
                 active = self._active(conn, now, ())
-                return self._outcome(conn, now, [], active, fleet)
+                return self._outcome(conn, now, [], active, self._capacity(fleet, now))
         callers = sorted({caller for _, caller, _ in ops})
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -320,6 +320,7 @@ class DatabaseCounters:
             }
             known = set(buckets)
             active = self._active(conn, now, callers)
+            capacity = self._capacity(fleet, now)  # what the verdicts are based on
             verdicts = settle(self.rules, now, fleet, buckets, active, ops)
             rows_now = [
                 {
@@ -358,7 +359,7 @@ class DatabaseCounters:
             if now - self._pruned_at > PRUNE_EVERY_S:
                 self._pruned_at = now
                 conn.execute(delete(BUCKETS).where(BUCKETS.c.seen_at < now - PRUNE_AFTER_S))
-            return self._outcome(conn, now, verdicts, active, fleet)
+            return self._outcome(conn, now, verdicts, active, capacity)
 
     def _fleet(self, conn: SqlConnection, *, lock: bool) -> Fleet:
         query = select(FLEET).where(FLEET.c.id == 1)
@@ -378,16 +379,17 @@ class DatabaseCounters:
         )
         return int(others or 0) + len(callers)
 
+    def _capacity(self, fleet: Fleet, now: float) -> float:
+        return max(self.rules.capacity, fleet.decayed_peak(now))
+
     def _outcome(
-        self, conn: SqlConnection, now: float, verdicts: list[Verdict], active: int, fleet: Fleet
+        self, conn: SqlConnection, now: float, verdicts: list[Verdict], active: int, capacity: float
     ) -> Outcome:
-        members = conn.scalars(
-            select(BUCKETS.c.caller)
-            .where(BUCKETS.c.seen_at >= now - self.rules.window_s)
-            .order_by(BUCKETS.c.caller)
-            .limit(2)
-        ).all()
-        capacity = max(self.rules.capacity, fleet.decayed_peak(now))
+        members: Sequence[str] = ()
+        if active == 1:
+            members = conn.scalars(
+                select(BUCKETS.c.caller).where(BUCKETS.c.seen_at >= now - self.rules.window_s)
+            ).all()
         return Outcome(verdicts, active, tuple(members), capacity)
 
     async def close(self) -> None:
@@ -395,18 +397,19 @@ class DatabaseCounters:
         self.engine.dispose()
 
 
-# The same rules as `settle`, in Lua, atomic in Redis. Numbers are stored as text (Redis has
-# no float type; tostring keeps 14 significant digits: 0.1 ms on a Unix time).
+# The same rules as `settle`, in Lua, atomic in Redis. Numbers are stored as text with 17
+# significant digits, so a float survives the round trip exactly.
 SETTLE_LUA = """
 local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local fair, window, floor = ARGV[4] == '1', tonumber(ARGV[5]), tonumber(ARGV[6])
 local half_life, depth_s, prefix = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 local fleet_key, active_key = KEYS[1], KEYS[2]
 local FIRST = 10
+local function num(x) return string.format('%.17g', x) end
 
-redis.call('ZREMRANGEBYSCORE', active_key, '-inf', '(' .. tostring(now - window))
+redis.call('ZREMRANGEBYSCORE', active_key, '-inf', '(' .. num(now - window))
 for i = FIRST, #ARGV, 3 do
-  redis.call('ZADD', active_key, tostring(now), ARGV[i + 1])
+  redis.call('ZADD', active_key, num(now), ARGV[i + 1])
 end
 redis.call('EXPIRE', active_key, math.ceil(window) + 1)
 local active = redis.call('ZCARD', active_key)
@@ -450,7 +453,7 @@ for i = FIRST, #ARGV, 3 do
       local w = (1 - fb) / share
       if w > wait then wait, reason = w, 'share' end
     end
-    out[#out + 1] = tostring(wait)
+    out[#out + 1] = num(wait)
     out[#out + 1] = reason
     spend = wait <= 0
   end
@@ -464,18 +467,20 @@ for i = FIRST, #ARGV, 3 do
     end
     images = images + n
   end
-  redis.call('HSET', key, 'hard', tostring(hard), 'hard_at', tostring(hard_at),
-             'fair', tostring(fb), 'fair_at', tostring(fair_at))
+  redis.call('HSET', key, 'hard', num(hard), 'hard_at', num(hard_at),
+             'fair', num(fb), 'fair_at', num(fair_at))
   -- A bucket that is full again by the time it expires is the same as no bucket.
   local ttl = window
   if rate > 0 then ttl = math.max(ttl, (burst - hard) / rate) end
   if share then ttl = math.max(ttl, (depth - fb) / share) end
   redis.call('EXPIRE', key, math.ceil(ttl) + 1)
 end
-redis.call('HSET', fleet_key, 'second', tostring(second), 'images', tostring(images),
-           'peak', tostring(peak), 'peak_at', tostring(peak_at))
+redis.call('HSET', fleet_key, 'second', num(second), 'images', num(images),
+           'peak', num(peak), 'peak_at', num(peak_at))
 redis.call('EXPIRE', fleet_key, math.ceil(half_life * 4))
-return {active, tostring(capacity), redis.call('ZRANGE', active_key, 0, 1), out}
+local members = {}
+if active == 1 then members = redis.call('ZRANGE', active_key, 0, 0) end
+return {active, num(capacity), members, out}
 """
 
 
@@ -686,7 +691,7 @@ class PredictLimiter:
         try:
             outcome = await self.store.apply(self.clock(), ops)
         except Exception as exc:
-            for caller, n in charges.items():
+            for _, caller, n in ops:  # admitted anyway: counted once the store is back
                 self.charge(caller, n)
             now = time.monotonic()
             self._down_until = now + OUTAGE_S
