@@ -553,15 +553,20 @@ class _Ticket:
 _TICKET: ContextVar[_Ticket | None] = ContextVar("predict_rate_ticket", default=None)
 
 
-def charge_admitted(images: int) -> None:
+async def charge_admitted(images: int) -> None:
     """Charge the request admitted in this context (PredictLimiter.admit) for its images
     beyond the one taken at admission; a request charged already, or not admitted by a
-    limiter, costs nothing more."""
+    limiter, costs nothing more. With a hard cap the charge reaches the store before this
+    returns (so the key's next request, on any process, sees it); the fair share's charges
+    go with the next call, within SYNC_S."""
     ticket = _TICKET.get()
     if ticket is None:
         return
     _TICKET.set(None)
-    ticket.limiter.charge(ticket.caller, images - 1)
+    limiter = ticket.limiter
+    limiter.charge(ticket.caller, images - 1)
+    if limiter.rules.rate > 0 and images > 1 and limiter.store is not None:
+        await limiter._call([])
 
 
 @dataclass

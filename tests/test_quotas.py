@@ -210,10 +210,10 @@ def test_a_lone_key_is_admitted_without_a_call_per_request_and_charged_later():
         await limiter.start()
         try:
             await limiter.admit("key:1")  # first: the process knows nothing yet, so it asks
-            charge_admitted(64)
+            await charge_admitted(64)
             for _ in range(50):
                 await limiter.admit("key:1")
-                charge_admitted(1)
+                await charge_admitted(1)
             assert len(store.calls) == 1
             await asyncio.sleep(0.2)  # the sync sends the charges
         finally:
@@ -242,7 +242,7 @@ def test_contention_is_decided_by_the_store_and_refusals_carry_retry_after():
                         assert int(exc.headers["Retry-After"]) >= 1
                         assert "equal share (50 images/s)" in exc.message
                         continue
-                    charge_admitted(images)
+                    await charge_admitted(images)
         finally:
             await limiter.stop()
         return refused["key:1"], refused["key:2"]
@@ -260,7 +260,7 @@ def test_an_unreachable_store_admits_and_keeps_the_charges(caplog):
         await limiter.start()
         for _ in range(5):
             await limiter.admit("key:1")  # a hard cap of 1 image/s, but nobody can count
-            charge_admitted(3)
+            await charge_admitted(3)
         await limiter.stop()
         return limiter
 
@@ -277,7 +277,7 @@ def test_nothing_is_counted_when_both_limits_are_off():
         await limiter.start()
         for _ in range(10):
             await limiter.admit("key:1")
-            charge_admitted(256)
+            await charge_admitted(256)
         await limiter.stop()
 
     asyncio.run(go())

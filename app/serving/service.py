@@ -359,7 +359,7 @@ class PredictionService:
 
     # ------------------------------------------------------------------ the steps
     async def _serve(self, parsed: inputs.PredictInput) -> bytes:
-        charge_admitted(parsed.rows)  # the /predict limits count images (app/quotas.py)
+        await charge_admitted(parsed.rows)  # the /predict limits count images (app/quotas.py)
         opts = parsed.options
         row = await self._resolve(opts)
         note_predict(
