@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 REGISTRY_CHANNEL = "cnn_registry"
 KEYS_CHANNEL = "cnn_keys"
 # How long a wait for notifications lasts before the stop flag is looked at again.
-WAKE_S = 0.5
+WAKE_S = 0.2
 MAX_BACKOFF_S = 10.0
 
 
