@@ -119,8 +119,7 @@ class Settings(BaseSettings):
     MAX_ACTIVE_JOBS_PER_KEY: int = Field(default=4, ge=1)
     # /predict counts images (docs/security.md, "Fair sharing"). A key alone may use the whole
     # fleet; while two or more keys have predicted in the last PREDICT_FAIR_WINDOW_S, each may
-    # use an equal share of the fleet's images/s: PREDICT_CAPACITY_IMAGES_PER_S, or more once
-    # the fleet has served more in one second (that peak halves every 10 minutes).
+    # use an equal share of PREDICT_CAPACITY_IMAGES_PER_S, the fleet's images/s.
     PREDICT_FAIR_SHARE: bool = True
     PREDICT_FAIR_WINDOW_S: float = Field(default=2.0, gt=0, le=60)
     PREDICT_CAPACITY_IMAGES_PER_S: float = Field(default=1000.0, gt=0, le=10_000_000)

@@ -240,7 +240,7 @@ class KeyInUse(DomainError, code="key_in_use"):
 
 
 class RateLimited(DomainError, code="rate_limited"):
-    """The key's /predict token bucket is empty; Retry-After says when to come back."""
+    """The key is over its fair share of /predict or its hard cap; Retry-After says when."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)

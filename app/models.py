@@ -285,21 +285,10 @@ class RateBucket(Base):
     __table_args__ = (Index("ix_rate_buckets_seen_at", "seen_at"),)
 
     caller: Mapped[str] = mapped_column(String(160), primary_key=True)
-    # The hard cap (PREDICT_RATE_PER_S) and the fair share: images left, negative in debt.
+    # The hard cap (PREDICT_RATE_PER_S) and the fair share: images left, negative in debt,
+    # and when each was last refilled.
     hard: Mapped[float] = mapped_column(Float)
     hard_at: Mapped[float] = mapped_column(Float)
     fair: Mapped[float] = mapped_column(Float)
     fair_at: Mapped[float] = mapped_column(Float)
     seen_at: Mapped[float] = mapped_column(Float)
-
-
-class RateFleet(Base):
-    """The fleet's images per second (one row): the current second and the decaying peak."""
-
-    __tablename__ = "rate_fleet"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    second: Mapped[int] = mapped_column(BigInteger)
-    images: Mapped[float] = mapped_column(Float)
-    peak: Mapped[float] = mapped_column(Float)
-    peak_at: Mapped[float] = mapped_column(Float)

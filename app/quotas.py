@@ -4,10 +4,9 @@
 
 - **A key alone may use the whole fleet.** Nothing limits it but the machines.
 - **Under contention** (two or more keys predicted in the last PREDICT_FAIR_WINDOW_S), each
-  active key may use an equal share of the fleet's images/s: capacity / active keys, where the
-  capacity is PREDICT_CAPACITY_IMAGES_PER_S or the fleet's busiest second, whichever is
-  higher (that peak halves every HALF_LIFE_S). A key over its share gets 429 `rate_limited`
-  with Retry-After; a key within it is never refused.
+  active key may use an equal share of the fleet's images/s: PREDICT_CAPACITY_IMAGES_PER_S /
+  active keys. A key over its share gets 429 `rate_limited` with Retry-After; a key within it
+  is never refused.
 - **A hard cap** per key (PREDICT_RATE_PER_S images/s, PREDICT_BURST at once) applies on top
   when set.
 
@@ -57,7 +56,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal
 from app.config import Settings
 from app.errors import QuotaExceeded, RateLimited
-from app.models import ApiKey, Job, RateBucket, RateFleet
+from app.models import ApiKey, Job, RateBucket
 from app.states import JobStatus
 
 log = logging.getLogger(__name__)
@@ -87,9 +86,6 @@ def check_job_quota(session: Session, principal: Principal, limit: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the rules
-# The learned capacity (the fleet's busiest second) halves this often, so that it follows a
-# fleet that became slower (fewer processes, a heavier model).
-HALF_LIFE_S = 600.0
 # A fair bucket holds this many seconds of its share: a key's share may arrive in bursts.
 DEPTH_S = 1.0
 # How often a process sends its charges and reads the counters while it serves /predict,
@@ -110,7 +106,7 @@ class Rules:
     burst: float  # images a caller may use at once above `rate`
     fair: bool  # share the capacity equally among active callers
     window_s: float  # a caller is active this long after its last request
-    capacity: float  # images/s shared, at least (the fleet's busiest second may raise it)
+    capacity: float  # the fleet's images/s that active callers share
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
@@ -137,27 +133,6 @@ class Bucket:
     fair_at: float
 
 
-@dataclass
-class Fleet:
-    """Images served by the whole fleet in the current second, and the decaying peak."""
-
-    second: int = 0
-    images: float = 0.0
-    peak: float = 0.0
-    peak_at: float = 0.0
-
-    def decayed_peak(self, now: float) -> float:
-        return self.peak * 0.5 ** (max(0.0, now - self.peak_at) / HALF_LIFE_S)
-
-    def count(self, now: float, images: float) -> None:
-        second = math.floor(now)
-        if second > self.second:  # the second counted so far is over: a candidate peak
-            if self.images > self.decayed_peak(now):
-                self.peak, self.peak_at = self.images, now
-            self.second, self.images = second, 0.0
-        self.images += images
-
-
 @dataclass(frozen=True)
 class Verdict:
     """An admission: wait 0 means admitted; else the seconds until it would be, and which
@@ -173,31 +148,24 @@ ADMITTED = Verdict(0.0)
 @dataclass(frozen=True)
 class Outcome:
     """What a call to the shared counters answers: a verdict per ADMIT op, in order, and the
-    fleet as it stands (active callers, the one by name when there is one, the capacity)."""
+    callers active now (how many, and the one by name when there is one)."""
 
     verdicts: list[Verdict]
     active: int
     members: tuple[str, ...]
-    capacity: float
 
 
 def settle(
-    rules: Rules,
-    now: float,
-    fleet: Fleet,
-    buckets: dict[str, Bucket],
-    active: int,
-    ops: Sequence[Op],
+    rules: Rules, now: float, buckets: dict[str, Bucket], active: int, ops: Sequence[Op]
 ) -> list[Verdict]:
-    """Apply `ops` in order to `buckets` (missing callers start full) and `fleet`.
+    """Apply `ops` in order to `buckets` (missing callers start full).
 
     `active` counts the callers seen in the last window, those of `ops` included. The one
     statement of the rules: RedisCounters' Lua script mirrors it line by line, and a test
     runs both on the same operations.
     """
-    capacity = max(rules.capacity, fleet.decayed_peak(now))
-    share = capacity / active if rules.fair and active >= 2 else None
-    depth = max(1.0, (share if share is not None else capacity) * DEPTH_S)
+    share = rules.capacity / active if rules.fair and active >= 2 else None
+    depth = max(1.0, (share if share is not None else rules.capacity) * DEPTH_S)
     verdicts: list[Verdict] = []
     for kind, caller, images in ops:
         bucket = buckets.get(caller)
@@ -229,7 +197,6 @@ def settle(
         if rules.rate > 0:
             bucket.hard -= images
         bucket.fair -= images
-        fleet.count(now, images)
     return verdicts
 
 
@@ -248,8 +215,9 @@ def namespace(settings: Settings) -> str:
 
 
 BUCKETS = cast(Table, RateBucket.__table__)
-FLEET = cast(Table, RateFleet.__table__)
 BUCKET_VALUES = ("hard", "hard_at", "fair", "fair_at", "seen_at")
+# The PostgreSQL advisory lock that serialises the counters' transactions ("cnn-rl").
+ADVISORY_LOCK = 0x636E6E2D726C
 # Bucket rows idle this long are deleted (checked every PRUNE_EVERY_S per process).
 PRUNE_AFTER_S = 86_400.0
 PRUNE_EVERY_S = 600.0
@@ -285,8 +253,8 @@ def counter_engine(url: str) -> Engine:
 
 
 class DatabaseCounters:
-    """The counters in `rate_buckets` and `rate_fleet`: one transaction per batch of ops, on
-    one thread of their own per process (so a batch never waits for a /predict thread)."""
+    """The counters in `rate_buckets`: one transaction per batch of ops, on one thread of their
+    own per process (so a batch never waits for a /predict thread)."""
 
     def __init__(self, engine: Engine, rules: Rules) -> None:
         self.engine = engine
@@ -302,26 +270,21 @@ class DatabaseCounters:
         """`apply`, blocking (one transaction)."""
         if not ops:
             with self.engine.execution_options(read_only=True).connect() as conn:
-                fleet = self._fleet(conn, lock=False)
-                active = self._active(conn, now, ())
-                return self._outcome(conn, now, [], active, self._capacity(fleet, now))
+                return self._outcome(conn, now, [], self._active(conn, now, ()))
         callers = sorted({caller for _, caller, _ in ops})
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-            # Lock order: the fleet row, then the callers' rows (sorted): no deadlocks, and on
-            # PostgreSQL every batch of the fleet is applied one after the other.
-            fleet = self._fleet(conn, lock=True)
-            rows = conn.execute(
-                select(BUCKETS).where(BUCKETS.c.caller.in_(callers)).with_for_update()
-            ).all()
+                # Every batch of the fleet one after the other, as SQLite's BEGIN IMMEDIATE
+                # does: the count of active callers and the decisions are one consistent step.
+                conn.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK)))
+            rows = conn.execute(select(BUCKETS).where(BUCKETS.c.caller.in_(callers))).all()
             buckets = {
                 row.caller: Bucket(row.hard, row.hard_at, row.fair, row.fair_at) for row in rows
             }
             known = set(buckets)
             active = self._active(conn, now, callers)
-            capacity = self._capacity(fleet, now)  # what the verdicts are based on
-            verdicts = settle(self.rules, now, fleet, buckets, active, ops)
+            verdicts = settle(self.rules, now, buckets, active, ops)
             rows_now = [
                 {
                     "caller": caller,
@@ -346,29 +309,10 @@ class DatabaseCounters:
                 )
             if new:
                 conn.execute(insert(BUCKETS), new)
-            conn.execute(
-                update(FLEET)
-                .where(FLEET.c.id == 1)
-                .values(
-                    second=fleet.second,
-                    images=fleet.images,
-                    peak=fleet.peak,
-                    peak_at=fleet.peak_at,
-                )
-            )
             if now - self._pruned_at > PRUNE_EVERY_S:
                 self._pruned_at = now
                 conn.execute(delete(BUCKETS).where(BUCKETS.c.seen_at < now - PRUNE_AFTER_S))
-            return self._outcome(conn, now, verdicts, active, capacity)
-
-    def _fleet(self, conn: SqlConnection, *, lock: bool) -> Fleet:
-        query = select(FLEET).where(FLEET.c.id == 1)
-        row = conn.execute(query.with_for_update() if lock else query).first()
-        if row is not None:
-            return Fleet(int(row.second), row.images, row.peak, row.peak_at)
-        if lock:  # the migration writes the row; a database emptied by hand lost it
-            conn.execute(insert(FLEET).values(id=1, second=0, images=0.0, peak=0.0, peak_at=0.0))
-        return Fleet()
+            return self._outcome(conn, now, verdicts, active)
 
     def _active(self, conn: SqlConnection, now: float, callers: Sequence[str]) -> int:
         """Callers seen in the window: the others, plus `callers` (seen now)."""
@@ -379,18 +323,15 @@ class DatabaseCounters:
         )
         return int(others or 0) + len(callers)
 
-    def _capacity(self, fleet: Fleet, now: float) -> float:
-        return max(self.rules.capacity, fleet.decayed_peak(now))
-
     def _outcome(
-        self, conn: SqlConnection, now: float, verdicts: list[Verdict], active: int, capacity: float
+        self, conn: SqlConnection, now: float, verdicts: list[Verdict], active: int
     ) -> Outcome:
         members: Sequence[str] = ()
         if active == 1:
             members = conn.scalars(
                 select(BUCKETS.c.caller).where(BUCKETS.c.seen_at >= now - self.rules.window_s)
             ).all()
-        return Outcome(verdicts, active, tuple(members), capacity)
+        return Outcome(verdicts, active, tuple(members))
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -401,10 +342,10 @@ class DatabaseCounters:
 # significant digits, so a float survives the round trip exactly.
 SETTLE_LUA = """
 local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local fair, window, floor = ARGV[4] == '1', tonumber(ARGV[5]), tonumber(ARGV[6])
-local half_life, depth_s, prefix = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
-local fleet_key, active_key = KEYS[1], KEYS[2]
-local FIRST = 10
+local fair, window, capacity = ARGV[4] == '1', tonumber(ARGV[5]), tonumber(ARGV[6])
+local depth_s, prefix = tonumber(ARGV[7]), ARGV[8]
+local active_key = KEYS[1]
+local FIRST = 9
 local function num(x) return string.format('%.17g', x) end
 
 redis.call('ZREMRANGEBYSCORE', active_key, '-inf', '(' .. num(now - window))
@@ -414,13 +355,6 @@ end
 redis.call('EXPIRE', active_key, math.ceil(window) + 1)
 local active = redis.call('ZCARD', active_key)
 
-local f = redis.call('HMGET', fleet_key, 'second', 'images', 'peak', 'peak_at')
-local second, images = tonumber(f[1]) or 0, tonumber(f[2]) or 0
-local peak, peak_at = tonumber(f[3]) or 0, tonumber(f[4]) or 0
-local function decayed_peak(t)
-  return peak * 0.5 ^ (math.max(0, t - peak_at) / half_life)
-end
-local capacity = math.max(floor, decayed_peak(now))
 local share = false
 if fair and active >= 2 then share = capacity / active end
 local depth = math.max(1, (share or capacity) * depth_s)
@@ -460,12 +394,6 @@ for i = FIRST, #ARGV, 3 do
   if spend then
     if rate > 0 then hard = hard - n end
     fb = fb - n
-    local s = math.floor(now)
-    if s > second then
-      if images > decayed_peak(now) then peak, peak_at = images, now end
-      second, images = s, 0
-    end
-    images = images + n
   end
   redis.call('HSET', key, 'hard', num(hard), 'hard_at', num(hard_at),
              'fair', num(fb), 'fair_at', num(fair_at))
@@ -475,12 +403,9 @@ for i = FIRST, #ARGV, 3 do
   if share then ttl = math.max(ttl, (depth - fb) / share) end
   redis.call('EXPIRE', key, math.ceil(ttl) + 1)
 end
-redis.call('HSET', fleet_key, 'second', num(second), 'images', num(images),
-           'peak', num(peak), 'peak_at', num(peak_at))
-redis.call('EXPIRE', fleet_key, math.ceil(half_life * 4))
 local members = {}
 if active == 1 then members = redis.call('ZRANGE', active_key, 0, 0) end
-return {active, num(capacity), members, out}
+return {active, members, out}
 """
 
 
@@ -505,20 +430,17 @@ class RedisCounters:
             "1" if r.fair else "0",
             repr(r.window_s),
             repr(r.capacity),
-            repr(HALF_LIFE_S),
             repr(DEPTH_S),
             self.prefix,
         ]
         for kind, caller, images in ops:
             args += [kind, caller, str(images)]
-        active, capacity, members, out = await self._script(
-            keys=[self.prefix + "fleet", self.prefix + "active"], args=args
-        )
+        active, members, out = await self._script(keys=[self.prefix + "active"], args=args)
         verdicts = [
             Verdict(float(out[i]), out[i + 1].decode()) if float(out[i]) > 0 else ADMITTED
             for i in range(0, len(out), 2)
         ]
-        return Outcome(verdicts, int(active), tuple(m.decode() for m in members), float(capacity))
+        return Outcome(verdicts, int(active), tuple(m.decode() for m in members))
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -539,7 +461,6 @@ class View:
 
     active: int = 0
     members: tuple[str, ...] = ()
-    capacity: float = 0.0
     at: float = -math.inf
 
 
@@ -658,7 +579,7 @@ class PredictLimiter:
             keys = max(2, self.view.active)
             text = (
                 f"/predict is shared by {keys} active keys and this key is over its equal "
-                f"share ({self.view.capacity / keys:,.0f} images/s)"
+                f"share ({self.rules.capacity / keys:,.0f} images/s)"
             )
         return RateLimited(f"{text}; retry after {verdict.wait:.2f} s", retry_after=retry)
 
@@ -704,7 +625,7 @@ class PredictLimiter:
                 self._warned_at = now
                 log.warning("the /predict counters are unreachable; admitting: %r", exc)
             return [ADMITTED] * len(admits)
-        self.view = View(outcome.active, outcome.members, outcome.capacity, time.monotonic())
+        self.view = View(outcome.active, outcome.members, time.monotonic())
         return outcome.verdicts
 
     async def _sync_loop(self) -> None:

@@ -20,7 +20,6 @@ TABLES = {
     "model_owners",
     "job_events",
     "rate_buckets",
-    "rate_fleet",
 }
 
 

@@ -141,7 +141,10 @@ class PredictionService:
         self.swap_problems: dict[tuple[str, str | None], str] = {}
         self.loading: set[tuple[str, int]] = set()  # versions being loaded and warmed now
         self.pushed: Callable[[], bool] = lambda: False  # whether changes are pushed here
-        self._refreshing = threading.Lock()  # one refresh at a time: loads are heavy
+        # Refreshes and preloads load models: on a thread of their own, one at a time, never
+        # holding up /predict's pool.
+        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh")
+        self._refreshing = threading.Lock()  # the route's refresh (alias_moved) waits its turn
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()
         self._preloader: asyncio.Task[None] | None = None
@@ -151,7 +154,7 @@ class PredictionService:
         tune_gc_for_serving()
         self._poller = asyncio.create_task(self._poll_registry())
         if self.preloads:
-            self._preloader = asyncio.create_task(self._off_loop(self.preload))
+            self._preloader = asyncio.create_task(self._in_refresher(self.preload))
 
     async def stop(self) -> None:
         for task in (self._poller, self._preloader):
@@ -165,6 +168,7 @@ class PredictionService:
         for batcher in list(self._batchers.values()):
             batcher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self._refresher.shutdown(wait=False, cancel_futures=True)
 
     async def _poll_registry(self) -> None:
         """The safety net of the pushed changes: notice registry changes made by other
@@ -181,14 +185,14 @@ class PredictionService:
                     for name, _ in list(self.swap_problems):
                         self.changed(name)
                     if self.preload_problems:
-                        await self._off_loop(self.preload)
+                        await self._in_refresher(self.preload)
             except Exception as exc:  # the database may be down for a moment: try again later
                 log.warning("registry check failed: %s", exc)
 
     # ------------------------------------------------------------------ registry changes
     def changed(self, name: str | None = None) -> None:
         """A version or alias of `name` (None: of any name) changed somewhere: refresh it on
-        the pool, once however often it is told before the refresh starts."""
+        the refresh thread, once however often it is told before the refresh starts."""
         names = [name] if name is not None else self.registry.names()
         for item in names:
             with self._dirty_lock:
@@ -196,7 +200,7 @@ class PredictionService:
                     continue
                 self._dirty.add(item)
             try:
-                self.executor.submit(self._refresh_dirty, item)
+                self._refresher.submit(self._refresh_dirty, item)
             except RuntimeError:  # the pool is shut down: the app is stopping
                 return
 
@@ -472,6 +476,9 @@ class PredictionService:
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _in_refresher(self, fn: Callable[[], None]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._refresher, fn)
 
     # ------------------------------------------------------------------ admission
     @asynccontextmanager

@@ -4,8 +4,8 @@ Revision ID: 0007_shared_limits
 Revises: 0002_job_events
 Create Date: 2026-12-06
 
-`rate_buckets` and `rate_fleet` hold the /predict limits' counters where no Redis is
-configured (app/quotas.py), so that every API process of one database enforces one budget.
+`rate_buckets` holds the /predict limits' counters where no Redis is configured
+(app/quotas.py), so that every API process of one database enforces one budget.
 
 On PostgreSQL, triggers tell every API process at once (NOTIFY, delivered at commit) that a
 name's versions or aliases changed (channel `cnn_registry`, payload the name) or that a key
@@ -70,16 +70,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("caller", name=op.f("pk_rate_buckets")),
     )
     op.create_index("ix_rate_buckets_seen_at", "rate_buckets", ["seen_at"], unique=False)
-    op.create_table(
-        "rate_fleet",
-        sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
-        sa.Column("second", sa.BigInteger(), nullable=False),
-        sa.Column("images", sa.Float(), nullable=False),
-        sa.Column("peak", sa.Float(), nullable=False),
-        sa.Column("peak_at", sa.Float(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_rate_fleet")),
-    )
-    op.execute("INSERT INTO rate_fleet (id, second, images, peak, peak_at) VALUES (1, 0, 0, 0, 0)")
     if op.get_bind().dialect.name == "postgresql":
         for statement in POSTGRES:
             op.execute(statement)
@@ -92,6 +82,5 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER IF EXISTS trg_model_aliases_notify ON model_aliases")
         op.execute("DROP FUNCTION IF EXISTS cnn_notify_key_revoked()")
         op.execute("DROP FUNCTION IF EXISTS cnn_notify_registry()")
-    op.drop_table("rate_fleet")
     op.drop_index("ix_rate_buckets_seen_at", table_name="rate_buckets")
     op.drop_table("rate_buckets")

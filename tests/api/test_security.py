@@ -235,19 +235,18 @@ def test_predict_is_rate_limited_per_key_with_retry_after(
 
 
 def test_the_hard_cap_refills_and_counts_images():
-    from app.quotas import ADMIT, CHARGE, Fleet, Rules, settle
+    from app.quotas import ADMIT, CHARGE, Rules, settle
 
     rules = Rules(rate=2.0, burst=2, fair=False, window_s=2.0, capacity=1000.0)
     buckets: dict = {}
-    fleet = Fleet()
 
     def admit(now: float) -> float:
-        return settle(rules, now, fleet, buckets, 1, [(ADMIT, "k", 1)])[0].wait
+        return settle(rules, now, buckets, 1, [(ADMIT, "k", 1)])[0].wait
 
     assert admit(0.0) == 0 and admit(0.0) == 0
     assert admit(0.0) == pytest.approx(0.5)
     assert admit(0.5) == 0  # one image came back after 0.5 s
-    settle(rules, 0.5, fleet, buckets, 1, [(CHARGE, "k", 63)])  # the rest of a 64-image request
+    settle(rules, 0.5, buckets, 1, [(CHARGE, "k", 63)])  # the rest of a 64-image request
     assert admit(1.0) == pytest.approx((1 - (1 - 63)) / 2.0)  # in debt: 31.5 s to repay
     assert admit(100.0) == 0 and buckets["k"].hard == 1  # never more than the burst
 
