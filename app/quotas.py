@@ -486,8 +486,8 @@ async def charge_admitted(images: int) -> None:
     _TICKET.set(None)
     limiter = ticket.limiter
     limiter.charge(ticket.caller, images - 1)
-    if limiter.rules.rate > 0 and images > 1 and limiter.store is not None:
-        await limiter._call([])
+    if limiter.rules.rate > 0 and images > 1:
+        await limiter.flush()
 
 
 @dataclass
@@ -553,6 +553,11 @@ class PredictLimiter:
             if verdict.wait > 0:
                 raise self._refusal(verdict)
         _TICKET.set(_Ticket(self, caller))
+
+    async def flush(self) -> None:
+        """Send the pending charges now."""
+        if self.store is not None:
+            await self._call([])
 
     def charge(self, caller: str, images: int) -> None:
         """Count `images` more for `caller`; sent with the next call to the store."""
