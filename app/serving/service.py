@@ -49,6 +49,7 @@ from app.errors import (
     ModelIntegrityError,
     ModelUnavailable,
     Overloaded,
+    public_message,
 )
 from app.metrics import cache_hit, cache_load, counting_batches, note_predict
 from app.ml.inference import ModelCache, Predictor
@@ -271,7 +272,7 @@ class PredictionService:
         cold: dict[str | None, tuple[int, int]],
         exc: Exception,
     ) -> None:
-        reason = exc.message if isinstance(exc, DomainError) else type(exc).__name__
+        reason = unservable(exc)
         for label in labels:
             old = cold[label][0]
             self.swap_problems[(name, label)] = (
@@ -295,8 +296,7 @@ class PredictionService:
             try:
                 self.cache.get(self.registry.resolve(item.name, item.version, item.alias))
             except Exception as exc:
-                reason = exc.message if isinstance(exc, DomainError) else type(exc).__name__
-                self.preload_problems[item.text] = f"preload {item.text}: {reason}"
+                self.preload_problems[item.text] = f"preload {item.text}: {unservable(exc)}"
                 log.error("PREDICT_PRELOAD %s failed: %s", item.text, exc)
             else:
                 self.preload_problems.pop(item.text, None)
@@ -437,13 +437,8 @@ class PredictionService:
             return await self._off_loop(self.cache.get, row)
         except ModelArtifactError as exc:
             log.error("cannot serve %s v%s: %s", row.name, row.version, exc)
-            problem = (
-                "its artifact does not match the registered sha256"
-                if isinstance(exc, ModelIntegrityError)
-                else "its artifact is missing or cannot be loaded"
-            )
             raise ModelUnavailable(
-                f"model {row.name!r} version {row.version} cannot be served: {problem}"
+                f"model {row.name!r} version {row.version} cannot be served: {unservable(exc)}"
             ) from None
 
     def _batcher(self, predictor: Predictor, row: ServedVersion) -> MicroBatcher:
@@ -499,6 +494,18 @@ class PredictionService:
                 yield
         finally:
             self._pending -= 1
+
+
+def unservable(exc: Exception) -> str:
+    """Why a model could not be loaded, in words fit for any caller (the log has the rest:
+    artifact errors name absolute paths)."""
+    if isinstance(exc, ModelIntegrityError):
+        return "its artifact does not match the registered sha256"
+    if isinstance(exc, ModelArtifactError):
+        return "its artifact is missing or cannot be loaded"
+    if isinstance(exc, DomainError):
+        return public_message(exc.message)
+    return f"{type(exc).__name__} (the log has the details)"
 
 
 def _label(name: str, label: str | None) -> str:
