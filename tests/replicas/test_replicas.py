@@ -100,7 +100,11 @@ def test_the_fair_share_holds_across_replicas(deployment):
 
 
 def test_a_key_revoked_through_one_replica_stops_on_both_within_auth_cache_s(deployment):
-    fleet = deployment(AUTH_CACHE_S=2.0)
+    fleet = deployment(AUTH_CACHE_S=4.0)
+    # SQLite: the other replica's cached principal expires within AUTH_CACHE_S. PostgreSQL:
+    # the revocation is pushed, well before that.
+    pushed = fleet.settings.database_url.startswith("postgresql")
+    bound = 1.5 if pushed else 4.0 + 0.5
     urls = [r.url for r in fleet.replicas]
     admin, key = fleet.key("admin"), fleet.key("predict", name="to-revoke")
     for url in urls:  # accepted and cached by both
@@ -114,9 +118,8 @@ def test_a_key_revoked_through_one_replica_stops_on_both_within_auth_cache_s(dep
     assert response.status_code == 200
     assert predict(urls[0], key, 1).status_code == 401  # the replica that revoked it: at once
     while predict(urls[1], key, 1).status_code != 401:
-        assert time.monotonic() - revoked_at < 2.0 + 0.5, "the other replica still accepts it"
+        assert time.monotonic() - revoked_at < bound, "the other replica still accepts it"
         time.sleep(0.05)
-    assert time.monotonic() - revoked_at < 2.0 + 0.5
 
 
 @pytest.fixture(scope="module")
