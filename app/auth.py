@@ -174,8 +174,10 @@ def authenticate(session: Session, key: str) -> Principal:
 class PrincipalCache:
     """Principals of recently presented keys, for /predict's hot path (no query per request).
 
-    Entries live `ttl` seconds; `clear()` on every revocation in this process. Bounded: a
-    full cache is emptied rather than grown (only valid keys are stored, so it rarely is).
+    Entries live `ttl` seconds (AUTH_CACHE_S), which bounds how long a key revoked in another
+    process keeps working here; `revoked(id)` drops it at once: called for a revocation
+    through this process and, on PostgreSQL, for one anywhere (app.notices). Bounded: a full
+    cache is emptied rather than grown (only valid keys are stored, so it rarely is).
     """
 
     def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
@@ -198,6 +200,13 @@ class PrincipalCache:
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
         self._entries[key] = (time.monotonic() + self.ttl, principal)
+
+    def revoked(self, key_id: int) -> None:
+        """Forget the key with this id (its next request asks the database). Safe from a
+        route's thread: the snapshot of the entries is taken in one step."""
+        for key, (_, principal) in list(self._entries.items()):
+            if principal.id == key_id:
+                self._entries.pop(key, None)
 
     def clear(self) -> None:
         self._entries.clear()

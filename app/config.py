@@ -95,10 +95,14 @@ class Settings(BaseSettings):
     # Source pixels one request may ask to resize, all its images together (so any one image
     # too); `cnn predict` takes the same bound for its image.
     PREDICT_RESIZE_MAX_PIXELS: int = Field(default=4096 * 4096, ge=1024)
-    # How often an API process checks whether another process changed the registry.
+    # How often an API process checks whether another process changed the registry (the
+    # safety net: on PostgreSQL a change is pushed to every API process at once).
     REGISTRY_POLL_S: float = Field(default=1.0, gt=0, le=60)
     # API worker processes of `cnn serve` (each has its own model cache and batchers).
     API_WORKERS: int = Field(default=1, ge=1, le=64)
+    # Models an API process loads and warms at start, comma-separated `name`, `name@alias` or
+    # `name:version`; GET /ready answers 503 until they are warm (docs/serving.md).
+    PREDICT_PRELOAD: str = Field(default="", max_length=2048)
 
     # Live events: how often a `GET /jobs/{id}/events` stream looks for new events.
     EVENTS_POLL_S: float = Field(default=0.5, gt=0)
@@ -126,13 +130,24 @@ class Settings(BaseSettings):
     # The file of POST /predict/image (its body may hold MULTIPART_OVERHEAD more for the form).
     UPLOAD_MAX_FILE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=2**30)
 
-    # Quotas: queued-or-running jobs per key, and /predict requests per second per key
-    # (token bucket of PREDICT_BURST requests; PREDICT_RATE_PER_S=0 turns the limit off).
+    # Quotas: queued-or-running jobs per key.
     MAX_ACTIVE_JOBS_PER_KEY: int = Field(default=4, ge=1)
-    PREDICT_RATE_PER_S: float = Field(default=50.0, ge=0)
-    PREDICT_BURST: int = Field(default=100, ge=1)
+    # /predict counts images (docs/security.md, "Fair sharing"). A key alone may use the whole
+    # fleet; while two or more keys have predicted in the last PREDICT_FAIR_WINDOW_S, each may
+    # use an equal share of PREDICT_CAPACITY_IMAGES_PER_S, the fleet's images/s.
+    PREDICT_FAIR_SHARE: bool = True
+    PREDICT_FAIR_WINDOW_S: float = Field(default=2.0, gt=0, le=60)
+    PREDICT_CAPACITY_IMAGES_PER_S: float = Field(default=1000.0, gt=0, le=10_000_000)
+    # An optional hard cap per key on top: images per second (0 = none) and how many images a
+    # key may use at once above that rate.
+    PREDICT_RATE_PER_S: float = Field(default=0.0, ge=0, le=10_000_000)
+    PREDICT_BURST: int = Field(default=256, ge=1, le=10_000_000)
+    # Where the counters of those limits live, shared by every API process: a redis:// URL.
+    # Empty: the broker's Redis when CELERY_BROKER_URL is redis://, else the database.
+    REDIS_URL: str = Field(default="", max_length=1024)
     # /predict remembers a key's principal this long (no database query per request): a key
-    # revoked through this process stops at once, one revoked elsewhere within this time.
+    # revoked through this process stops at once, one revoked elsewhere within this time (at
+    # once on PostgreSQL, which tells every API process).
     AUTH_CACHE_S: float = Field(default=5.0, ge=0, le=300)
 
     # Job size: one job must not hold a worker for days or exhaust its memory.
@@ -162,6 +177,15 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.CELERY_BROKER_URL or "filesystem://"
+
+    @property
+    def redis_url(self) -> str | None:
+        """The Redis of the shared counters, or None: they live in the database."""
+        if self.REDIS_URL:
+            return self.REDIS_URL
+        if self.CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+            return self.CELERY_BROKER_URL
+        return None
 
     @property
     def broker_dir(self) -> Path:

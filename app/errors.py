@@ -73,6 +73,7 @@ STATUS: dict[str, int] = {
     "model_unavailable": 503,
     # the service
     "database_unavailable": 503,
+    "not_ready": 503,
     # API keys and limits
     "key_not_found": 404,
     "key_name_taken": 409,
@@ -235,6 +236,10 @@ class DatabaseUnavailable(DomainError, code="database_unavailable"):
 
 
 # ----------------------------------------------------------------------------- access
+class NotReady(DomainError, code="not_ready"):
+    """GET /ready: this API process cannot serve yet (details: what it holds and why)."""
+
+
 class HostNotAllowed(DomainError, code="host_not_allowed"):
     """The Host header names no host of ALLOWED_HOSTS (DNS rebinding)."""
 
@@ -262,7 +267,7 @@ class KeyInUse(DomainError, code="key_in_use"):
 
 
 class RateLimited(DomainError, code="rate_limited"):
-    """The key's /predict token bucket is empty; Retry-After says when to come back."""
+    """The key is over its fair share of /predict or its hard cap; Retry-After says when."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)

@@ -35,7 +35,8 @@ from app.config import Settings, get_settings
 from app.db import session_factory
 from app.errors import install_error_handlers
 from app.metrics import PredictMetrics
-from app.quotas import RateLimiter
+from app.notices import Notices
+from app.quotas import PredictLimiter
 from app.serving.service import PredictionService
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     sessions = session_factory(settings)
     prediction = PredictionService(settings, sessions)
+    limiter = PredictLimiter.from_settings(settings)
+    principals = PrincipalCache(settings.AUTH_CACHE_S)
+    # Other processes' registry changes and key revocations, at once (PostgreSQL only).
+    notices = Notices(settings.database_url)
+    notices.on_registry(prediction.changed)
+    notices.on_key_revoked(principals.revoked)
+    notices.on_gap(prediction.changed)
+    notices.on_gap(principals.clear)
+    prediction.pushed = notices.listening.is_set
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("API up, database backend %s", sessions.kw["bind"].dialect.name)
         warn_open_access(settings)
         await prediction.start()
+        await limiter.start()
+        notices.start()
         yield
+        notices.stop()
+        await limiter.stop()
         await prediction.stop()
         # Return pooled connections now rather than at interpreter exit.
         sessions.kw["bind"].dispose()
@@ -168,8 +182,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
-    app.state.predict_limiter = RateLimiter(settings.PREDICT_RATE_PER_S, settings.PREDICT_BURST)
-    app.state.principal_cache = PrincipalCache(settings.AUTH_CACHE_S)
+    app.state.predict_limiter = limiter
+    app.state.principal_cache = principals
     app.state.prediction = prediction
     install_error_handlers(app)
     app.add_middleware(predict.PredictFastPath)  # innermost: inside the host and body-size guards

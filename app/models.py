@@ -348,3 +348,21 @@ class SweepTrial(Base):
 
     sweep: Mapped[Sweep] = relationship(back_populates="trials")
     job: Mapped[Job | None] = relationship()
+class RateBucket(Base):
+    """One /predict caller's counters, shared by every API process (app/quotas.py).
+
+    Used where no Redis is configured. Times are Unix seconds: every API process of one
+    database runs on hosts whose clocks agree (NTP) to far better than a second.
+    """
+
+    __tablename__ = "rate_buckets"
+    __table_args__ = (Index("ix_rate_buckets_seen_at", "seen_at"),)
+
+    caller: Mapped[str] = mapped_column(String(160), primary_key=True)
+    # The hard cap (PREDICT_RATE_PER_S) and the fair share: images left, negative in debt,
+    # and when each was last refilled.
+    hard: Mapped[float] = mapped_column(Float)
+    hard_at: Mapped[float] = mapped_column(Float)
+    fair: Mapped[float] = mapped_column(Float)
+    fair_at: Mapped[float] = mapped_column(Float)
+    seen_at: Mapped[float] = mapped_column(Float)

@@ -495,6 +495,25 @@ class HealthPublic(BaseModel):
     version: str
 
 
+class ReadyModel(BaseModel):
+    """A model version this API process holds."""
+
+    name: str
+    version: int
+    warm: bool = Field(description="Loaded and warmed up; false while it is being loaded.")
+    serves: list[str] = Field(description="The labels it answers here: aliases, `latest`.")
+
+
+class ReadyPublic(BaseModel):
+    """GET /ready: one API process (the one that answered)."""
+
+    status: Literal["ready"]
+    replica: str = Field(description="host:pid of the API process that answered.")
+    pushed: bool = Field(description="Registry changes reach it at once (PostgreSQL).")
+    models: list[ReadyModel]
+    problems: list[str] = Field(description="What it cannot serve as registered, and why.")
+
+
 # ----------------------------------------------------------------------------- API keys
 Scope = Literal["read", "predict", "train", "admin"]
 

@@ -72,6 +72,7 @@ TABLES = (
     "jobs",
     "model_owners",
     "api_keys",
+    "rate_buckets",
 )
 
 
@@ -136,10 +137,12 @@ def settings(db_url: str, run_id: str, tmp_path_factory: pytest.TempPathFactory)
         STATE_DIR=tmp_path_factory.mktemp("state"),
         # TestClient sends Host: testserver.
         ALLOWED_HOSTS="localhost,127.0.0.1,::1,testserver",
-        # Quotas and rate limits have their own tests (tests/api/test_security.py); the
-        # other tests submit and predict as often as they need.
+        # Quotas and rate limits have their own tests (tests/api/test_security.py,
+        # tests/api/test_fair_share.py); the other tests submit and predict as often as
+        # they need.
         MAX_ACTIVE_JOBS_PER_KEY=10_000,
         PREDICT_RATE_PER_S=0,
+        PREDICT_FAIR_SHARE=False,
     )
     yield value
     import redis

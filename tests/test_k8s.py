@@ -33,7 +33,6 @@ KUSTOMIZATION: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read
 SECRET_EXAMPLE = "secret.example.yaml"
 ENVIRONMENT = yaml.safe_load((ROOT / "deploy" / "environment.yaml").read_text())
 # Routes the probes use that another branch of this round adds (issue 18: GET /ready).
-PENDING_ROUTES = {"/ready"}
 
 
 def _documents(name: str) -> list[dict[str, Any]]:
@@ -248,23 +247,13 @@ def test_probes_ask_the_apps_own_routes_with_a_host_it_serves(tmp_path):
     for kind, probe in probes.items():
         get = probe["httpGet"]
         assert get["port"] == "http"
-        assert get["path"] in paths | PENDING_ROUTES, f"{kind}: the app has no {get['path']}"
+        assert get["path"] in paths, f"{kind}: the app has no {get['path']}"
         # Without it the kubelet sends the pod's IP, which the API refuses (ALLOWED_HOSTS).
         (host,) = [h["value"] for h in get["httpHeaders"] if h["name"] == "Host"]
         assert host in allowed
     # A short database outage (/health asks it) restarts nothing.
     live = probes["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 60
-
-
-@pytest.mark.parametrize("path", sorted(PENDING_ROUTES))
-@pytest.mark.xfail(
-    strict=True,
-    reason="a route another branch of this round adds: once the app has it this passes, "
-    "and it must leave PENDING_ROUTES",
-)
-def test_pending_routes_exist(path, tmp_path):
-    assert path in _app_paths(tmp_path)
 
 
 # --- workers and GPUs -------------------------------------------------------------------

@@ -21,6 +21,7 @@ TABLES = {
     "job_events",
     "sweeps",
     "sweep_trials",
+    "rate_buckets",
 }
 
 

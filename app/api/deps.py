@@ -18,7 +18,7 @@ from app.api.transport import is_json, media_type, unsupported
 from app.auth import AUTH_OFF, Principal, PrincipalCache, anonymous, authenticate
 from app.config import Settings
 from app.errors import Forbidden, Unauthorized
-from app.quotas import RateLimiter
+from app.quotas import PredictLimiter
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -136,9 +136,9 @@ def principal_cache(request: Request) -> PrincipalCache:
 
 
 async def authorise_predict(request: Request, credentials: BearerDep) -> Principal:
-    """The one check of a /predict caller: its key, the predict scope, then a token from the
-    key's bucket (429 + Retry-After). The routes declare it, and PredictFastPath runs the
-    route's dependencies, so both entries call this function.
+    """The one check of a /predict caller: its key, the predict scope, then admission by the
+    shared /predict limits (app/quotas.py: 429 + Retry-After). The routes declare it, and
+    PredictFastPath runs the route's dependencies, so both entries call this function.
 
     Async, with the key's principal from PrincipalCache: the sync dependency chain cost four
     thread hand-offs and a database query per request, a quarter of the API's time at 32
@@ -150,9 +150,9 @@ async def authorise_predict(request: Request, credentials: BearerDep) -> Princip
     else:
         principal = await _cached_principal(request, credentials.credentials)
     _holding(principal, ("predict",))
-    limiter: RateLimiter = request.app.state.predict_limiter
+    limiter: PredictLimiter = request.app.state.predict_limiter
     client = request.client.host if request.client else "unknown"
-    limiter.check(f"key:{principal.id}" if principal.id is not None else f"anon:{client}")
+    await limiter.admit(f"key:{principal.id}" if principal.id is not None else f"anon:{client}")
     return principal
 
 

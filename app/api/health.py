@@ -1,4 +1,5 @@
-"""GET /health: the API is up and its database answers."""
+"""GET /health: the API is up and its database answers. GET /ready: this API process can serve
+(docs/serving.md, "Replicas"): what it holds, whether each is warm, what it cannot serve."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import DatabaseUnavailable
-from app.schemas import HealthPublic
+from app.errors import DatabaseUnavailable, NotReady
+from app.schemas import HealthPublic, ReadyModel, ReadyPublic
+from app.serving.service import PredictionService
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
@@ -51,3 +53,33 @@ def _check(sessions: sessionmaker[Session]) -> HealthPublic:
             database_backend=session.get_bind().dialect.name,
             version=_version(),
         )
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyPublic,
+    responses={
+        503: {
+            "description": "Not ready (`not_ready`): a PREDICT_PRELOAD model is not warm yet or "
+            "failed to load, or the database does not answer; `details` has the same fields."
+        }
+    },
+)
+async def ready(request: Request) -> ReadyPublic:
+    """The API process that answers: the model versions it holds, whether each is warm, the
+    labels it serves them for, and what it cannot serve as registered (a moved alias whose new
+    version failed to load keeps its old version, and is listed here). No key needed, as
+    /health: load balancers ask it; it shows names and versions, never keys or paths."""
+    service: PredictionService = request.app.state.prediction
+    state = await run_in_threadpool(service.readiness)
+    body = ReadyPublic(
+        status="ready",
+        replica=state.replica,
+        pushed=state.pushed,
+        models=[ReadyModel(**model) for model in state.models],
+        problems=state.problems,
+    )
+    if not state.ready:
+        details = body.model_dump(exclude={"status"})
+        raise NotReady("; ".join(state.problems) or "not ready", details=details)
+    return body

@@ -52,5 +52,7 @@ def revoke_key(
 ) -> ApiKeyPublic:
     """Revoke at once (the next request with it is 401); revoking twice is harmless."""
     row = auth.revoke_key(session, key_id, by=principal)
-    principal_cache(request).clear()  # /predict's cached principals: this process at once
+    # /predict's cached principal: in this process at once (the others hear of it through
+    # app.notices on PostgreSQL, or let it expire within AUTH_CACHE_S).
+    principal_cache(request).revoked(row.id)
     return ApiKeyPublic.from_row(row)

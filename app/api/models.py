@@ -47,9 +47,10 @@ def _public(row: ModelVersion, aliases: dict[str, int]) -> ModelVersionPublic:
 
 
 async def alias_listener(request: Request) -> registry.AliasListener:
-    """Who hears that an alias moved: this process's /predict cache of resolved names,
-    which then serves the new target from the next request on."""
-    listener: registry.AliasListener = request.app.state.prediction.registry.invalidate
+    """Who hears that an alias moved: this process's /predict, which loads and warms the new
+    target and then serves it from the next request on (other processes hear of it from
+    app.notices or their registry poll)."""
+    listener: registry.AliasListener = request.app.state.prediction.alias_moved
     return listener
 
 

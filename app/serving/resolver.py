@@ -1,16 +1,13 @@
 """Name, alias or "latest" -> a registered version, from memory: no database on the hot path.
 
 The first request for a name reads that name's versions and aliases (two small queries, off
-the event loop); later requests resolve from the copy in memory. The copy goes stale in two
-ways, handled as follows:
-
-- in this process (an alias moved through this API), `invalidate(name)` drops it at once,
-  so the very next request reads the new target;
-- in another process (a worker registered a new version, another API process moved an
-  alias), a cheap fingerprint of the registry (the highest version id, the number of
-  versions and aliases, the newest alias change) is read at most every `REGISTRY_POLL_S`
-  seconds by a background task; when it changes, every cached name is dropped. So another
-  process's change is served within that bound (1 s by default).
+the event loop); later requests resolve from the copy in memory. The copy is brought up to
+date by app.serving.service.PredictionService.refresh, which reads the name again (`read`),
+stores it (`store`) and, while a label's new target is loaded and warmed, pins the label to
+the version it served before (`pin`), so a moved alias never serves a cold model. Refreshes
+come from an alias moved through this process, from PostgreSQL's notifications of any
+process's change, and from the fingerprint poll (`check`, every REGISTRY_POLL_S), which
+catches what a notification may have missed.
 
 A name, version or alias that is not in the copy is looked up in the database before the
 request is refused, so a version registered a moment ago is never answered 404.
@@ -40,6 +37,10 @@ class ServedVersion:
     artifact_path: str
 
 
+# The label of "no version, no alias": the latest version.
+LATEST: str | None = None
+
+
 @dataclass
 class _Entry:
     versions: dict[int, ServedVersion] = field(default_factory=dict)
@@ -48,6 +49,13 @@ class _Entry:
     @property
     def latest(self) -> int | None:
         return max(self.versions) if self.versions else None
+
+    def targets(self) -> dict[str | None, int]:
+        """Label (an alias, or LATEST) -> the version the registry points it at."""
+        found: dict[str | None, int] = {alias: v for alias, v in self.aliases.items()}
+        if self.latest is not None:
+            found[LATEST] = self.latest
+        return found
 
 
 def fingerprint(session: Session) -> tuple[Any, ...]:
@@ -69,6 +77,8 @@ class RegistryView:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
         self._entries: dict[str, _Entry] = {}
+        # (name, label) -> the version served while the label's new target is not warm.
+        self._pins: dict[tuple[str, str | None], int] = {}
         self._lock = threading.Lock()
         self._fingerprint: tuple[Any, ...] | None = None
         self.loads = 0  # database reads of a name (tests and the benchmark look at it)
@@ -79,7 +89,9 @@ class RegistryView:
         if entry is None:
             return None
         if version is None:
-            version = entry.aliases.get(alias) if alias is not None else entry.latest
+            version = self._pins.get((name, alias))
+            if version is None:
+                version = entry.aliases.get(alias) if alias is not None else entry.latest
             if version is None:
                 return None
         return entry.versions.get(version)
@@ -89,7 +101,10 @@ class RegistryView:
         hit = self.lookup(name, version, alias)
         if hit is not None:
             return hit
-        self._load(name)
+        entry = self.read(name)
+        if entry is None:
+            raise ModelNotFound(f"no registered model named {name!r}")
+        self.store(name, entry)
         hit = self.lookup(name, version, alias)
         if hit is not None:
             return hit
@@ -97,7 +112,8 @@ class RegistryView:
             row = registry.resolve(session, name, version=version, alias=alias)
             return ServedVersion(row.name, row.version, row.sha256, row.artifact_path)
 
-    def _load(self, name: str) -> None:
+    def read(self, name: str) -> _Entry | None:
+        """The name as the database has it now (blocking), None when it has no version."""
         with self._sessions() as session:
             if self._fingerprint is None:
                 self._fingerprint = fingerprint(session)
@@ -105,27 +121,63 @@ class RegistryView:
             aliases = registry.list_aliases(session, name)
         self.loads += 1
         if not rows:
-            raise ModelNotFound(f"no registered model named {name!r}")
-        entry = _Entry(
+            return None
+        return _Entry(
             versions={
                 r.version: ServedVersion(r.name, r.version, r.sha256, r.artifact_path) for r in rows
             },
             aliases=aliases,
         )
+
+    def store(self, name: str, entry: _Entry) -> None:
         with self._lock:
             self._entries[name] = entry
 
-    def invalidate(self, name: str | None = None) -> None:
-        """Forget one name (or all): its next request reads the database again."""
+    def names(self) -> list[str]:
+        """The names resolved here (the ones a refresh concerns)."""
+        with self._lock:
+            return list(self._entries)
+
+    def served(self, name: str) -> dict[str | None, int] | None:
+        """Label -> the version this process serves for it now (pins included); None for a
+        name never resolved here."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return None
+            targets = entry.targets()
+            for (pinned_name, label), version in self._pins.items():
+                if pinned_name == name:
+                    targets[label] = version
+            return targets
+
+    def pin(self, name: str, label: str | None, version: int) -> None:
+        """Keep serving `version` for `label` until unpin (its new target is not warm)."""
+        with self._lock:
+            self._pins[(name, label)] = version
+
+    def unpin(self, name: str, label: str | None) -> None:
+        with self._lock:
+            self._pins.pop((name, label), None)
+
+    def pins(self, name: str | None = None) -> dict[tuple[str, str | None], int]:
+        with self._lock:
+            return {k: v for k, v in self._pins.items() if name is None or k[0] == name}
+
+    def forget(self, name: str | None = None) -> None:
+        """Forget one name (or all), pins included: its next request reads the database."""
         with self._lock:
             if name is None:
                 self._entries.clear()
+                self._pins.clear()
             else:
                 self._entries.pop(name, None)
+                for key in [k for k in self._pins if k[0] == name]:
+                    del self._pins[key]
 
     def check(self) -> bool:
-        """Read the fingerprint; drop everything if another process changed the registry.
-        Blocking (one small query): run it off the event loop. True if something changed."""
+        """Read the fingerprint: True once another process changed the registry since the
+        last look (the caller then refreshes every name). Blocking: run it off the loop."""
         if not self._entries:
             self._fingerprint = None  # nothing cached: nothing to check
             return False
@@ -133,6 +185,5 @@ class RegistryView:
             current = fingerprint(session)
         if current != self._fingerprint:
             self._fingerprint = current
-            self.invalidate()
             return True
         return False

@@ -3,7 +3,11 @@
 One `PredictionService` per app (created by create_app, started and stopped by its
 lifespan). It holds the in-memory registry view, the model cache, one micro-batcher per
 loaded model version, and a small thread pool of its own for the blocking steps (database
-reads on a cache miss, model loads, large bodies, PNG/JPEG decoding). Nothing of /predict
+reads on a cache miss, model loads, large bodies, PNG/JPEG decoding). It also keeps the
+registry view up to date (`refresh`: a moved alias is served only once its new version is
+loaded and warm, and keeps its old version if the new one cannot load), loads the models of
+PREDICT_PRELOAD at start, and says what it holds and whether it is ready (`readiness`, for
+GET /ready). Nothing of /predict
 runs on the server's shared thread pool, so /health, jobs and history keep answering while
 /predict is saturated; and at most `PREDICT_MAX_PENDING` requests are admitted at once
 (503 `overloaded` with Retry-After past it), so a flood waits in the clients, not in memory.
@@ -20,33 +24,43 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import re
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import orjson
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.errors import (
     ArtifactMissing,
+    DomainError,
     InputError,
     ModelArtifactError,
     ModelIntegrityError,
     ModelUnavailable,
     Overloaded,
+    public_message,
 )
 from app.metrics import cache_hit, cache_load, counting_batches, note_predict
 from app.ml.inference import ModelCache, Predictor
 from app.ml.nets import CLASS_NAMES
+from app.quotas import charge_admitted
 from app.registry.store import open_store
-from app.schemas import PredictOptions
+from app.schemas import ALIAS_PATTERN, MODEL_NAME_PATTERN, PredictOptions
 from app.serving import inputs
 from app.serving.batching import MicroBatcher
-from app.serving.resolver import RegistryView, ServedVersion
+from app.serving.resolver import LATEST, RegistryView, ServedVersion
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,11 +72,60 @@ INLINE_ROWS = 4
 _CLASSES = list(CLASS_NAMES)
 # The young generation's threshold while serving (see tune_gc_for_serving).
 GC_THRESHOLD_0 = 20_000
+# A failed preload, or a moved alias whose new version failed to load, is tried again this often.
+RETRY_S = 30.0
+
+
+@dataclass(frozen=True)
+class Preload:
+    """One entry of PREDICT_PRELOAD: `name`, `name@alias` or `name:version`."""
+
+    text: str
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+
+def parse_preload(value: str, limit: int) -> list[Preload]:
+    """PREDICT_PRELOAD -> its entries; ValueError naming a bad one (the app does not start)."""
+    found = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        name, at, alias = part.partition("@")
+        name, colon, number = name.partition(":")
+        ok = re.fullmatch(MODEL_NAME_PATTERN, name) is not None
+        if at:
+            ok = ok and not colon and re.fullmatch(ALIAS_PATTERN, alias) is not None
+        if colon:
+            ok = ok and number.isdigit() and 1 <= int(number) <= 2**31 - 1
+        if not ok:
+            raise ValueError(
+                f"PREDICT_PRELOAD: {part[:80]!r} is not `name`, `name@alias` or `name:version`"
+            )
+        found.append(Preload(part, name, int(number) if colon else None, alias if at else None))
+    if len(found) > limit:
+        raise ValueError(
+            f"PREDICT_PRELOAD names {len(found)} models but MODEL_CACHE_SIZE={limit} holds fewer"
+        )
+    return found
+
+
+@dataclass
+class Readiness:
+    """GET /ready's figures for this process."""
+
+    ready: bool
+    replica: str
+    pushed: bool
+    models: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 class PredictionService:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
+        self.sessions = sessions
         self.registry = RegistryView(sessions)
         self.store = open_store(settings)
         self.cache = ModelCache(settings.MODEL_CACHE_SIZE, locate=self._locate, loader=self._load)
@@ -73,32 +136,204 @@ class PredictionService:
         self._pending = 0
         self._slots: asyncio.Semaphore | None = None
         self._poller: asyncio.Task[None] | None = None
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.preloads = parse_preload(settings.PREDICT_PRELOAD, settings.MODEL_CACHE_SIZE)
+        # What keeps this process from being ready or serving a label's registered target.
+        self.preload_problems: dict[str, str] = {}
+        self.swap_problems: dict[tuple[str, str | None], str] = {}
+        self.loading: set[tuple[str, int]] = set()  # versions being loaded and warmed now
+        self.pushed: Callable[[], bool] = lambda: False  # whether changes are pushed here
+        # Refreshes and preloads load models: on a thread of their own, one at a time, never
+        # holding up /predict's pool.
+        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh")
+        self._refreshing = threading.Lock()  # the route's refresh (alias_moved) waits its turn
+        self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+        self._preloader: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         tune_gc_for_serving()
         self._poller = asyncio.create_task(self._poll_registry())
+        if self.preloads:
+            self._preloader = asyncio.create_task(self._in_refresher(self.preload))
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._preloader):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._poller
-            except asyncio.CancelledError:
+                await task
+            except (asyncio.CancelledError, Exception):
                 pass
         for batcher in list(self._batchers.values()):
             batcher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self._refresher.shutdown(wait=False, cancel_futures=True)
 
     async def _poll_registry(self) -> None:
-        """Notice registry changes made by other processes within REGISTRY_POLL_S."""
+        """The safety net of the pushed changes: notice registry changes made by other
+        processes within REGISTRY_POLL_S, and retry failed loads every RETRY_S."""
         loop = asyncio.get_running_loop()
+        retried = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.REGISTRY_POLL_S)
             try:
-                await loop.run_in_executor(self.executor, self.registry.check)
+                if await loop.run_in_executor(self.executor, self.registry.check):
+                    self.changed()
+                if time.monotonic() - retried > RETRY_S:
+                    retried = time.monotonic()
+                    for name, _ in list(self.swap_problems):
+                        self.changed(name)
+                    if self.preload_problems:
+                        await self._in_refresher(self.preload)
             except Exception as exc:  # the database may be down for a moment: try again later
                 log.warning("registry check failed: %s", exc)
+
+    # ------------------------------------------------------------------ registry changes
+    def changed(self, name: str | None = None) -> None:
+        """A version or alias of `name` (None: of any name) changed somewhere: refresh it on
+        the refresh thread, once however often it is told before the refresh starts."""
+        names = [name] if name is not None else self.registry.names()
+        for item in names:
+            with self._dirty_lock:
+                if item in self._dirty:
+                    continue
+                self._dirty.add(item)
+            try:
+                self._refresher.submit(self._refresh_dirty, item)
+            except RuntimeError:  # the pool is shut down: the app is stopping
+                return
+
+    def _refresh_dirty(self, name: str) -> None:
+        with self._dirty_lock:
+            self._dirty.discard(name)
+        try:
+            self.refresh(name)
+        except Exception as exc:  # the poll tries again
+            log.warning("refreshing model %r failed: %s", name, exc)
+
+    def alias_moved(self, name: str) -> None:
+        """An alias of `name` moved through this process (called by the route, on its thread,
+        after the commit): refresh now, so the very next request serves the new target, warm."""
+        self.refresh(name)
+
+    def refresh(self, name: str) -> None:
+        """Bring `name` up to date with the registry (blocking: loads run here).
+
+        A label (an alias, or the latest) whose target changed, and whose old target is
+        loaded here, keeps serving the old version until the new one is loaded and warmed;
+        if that fails, it keeps the old version and `readiness` says why. A label whose old
+        target was not loaded here switches at once (its next request loads it, as always).
+        """
+        with self._refreshing:
+            served = self.registry.served(name)
+            if served is None:
+                return  # never resolved here: its first request reads it
+            fresh = self.registry.read(name)
+            if fresh is None:
+                self.registry.forget(name)
+                self._clear_problems(name)
+                return
+            held = {version for held_name, version, _ in self.cache.keys() if held_name == name}
+            cold = {
+                label: (served[label], version)
+                for label, version in fresh.targets().items()
+                if served.get(label) not in (None, version)
+                and served[label] in held
+                and version not in held
+            }
+            for label, (old, _) in cold.items():
+                self.registry.pin(name, label, old)
+            for _, label in self.registry.pins(name):
+                if label not in cold:
+                    self.registry.unpin(name, label)
+                    self.swap_problems.pop((name, label), None)
+            self.registry.store(name, fresh)
+            for version in sorted({new for _, new in cold.values()}):
+                labels = [label for label, (_, new) in cold.items() if new == version]
+                try:
+                    self.cache.get(fresh.versions[version])
+                except Exception as exc:
+                    self._swap_failed(name, labels, version, cold, exc)
+                    continue
+                for label in labels:
+                    self.registry.unpin(name, label)
+                    self.swap_problems.pop((name, label), None)
+                    log.info(
+                        "%s now serves version %d (loaded and warm)", _label(name, label), version
+                    )
+
+    def _swap_failed(
+        self,
+        name: str,
+        labels: list[str | None],
+        version: int,
+        cold: dict[str | None, tuple[int, int]],
+        exc: Exception,
+    ) -> None:
+        reason = unservable(exc)
+        for label in labels:
+            old = cold[label][0]
+            self.swap_problems[(name, label)] = (
+                f"{_label(name, label)} points at version {version}, which failed to load "
+                f"({reason}); version {old} keeps serving"
+            )
+        log.error(
+            "model %r version %d failed to load; the old version keeps serving: %s",
+            name,
+            version,
+            exc,
+        )
+
+    def _clear_problems(self, name: str) -> None:
+        for key in [k for k in self.swap_problems if k[0] == name]:
+            self.swap_problems.pop(key, None)
+
+    def preload(self) -> None:
+        """Load and warm PREDICT_PRELOAD (blocking); what fails is kept for `readiness`."""
+        for item in self.preloads:
+            try:
+                self.cache.get(self.registry.resolve(item.name, item.version, item.alias))
+            except Exception as exc:
+                self.preload_problems[item.text] = f"preload {item.text}: {unservable(exc)}"
+                log.error("PREDICT_PRELOAD %s failed: %s", item.text, exc)
+            else:
+                self.preload_problems.pop(item.text, None)
+
+    # ------------------------------------------------------------------ readiness
+    def readiness(self) -> Readiness:
+        """What this process holds, whether each is warm, and whether it is ready: every
+        PREDICT_PRELOAD entry warm (as its label resolves now) and the database answering
+        (keys not seen lately are checked there). Blocking (one query)."""
+        problems = list(self.preload_problems.values())
+        labels: dict[tuple[str, int], list[str]] = {}
+        for name in self.registry.names():
+            for label, version in (self.registry.served(name) or {}).items():
+                labels.setdefault((name, version), []).append(label or "latest")
+        models = [
+            {"name": n, "version": v, "warm": True, "serves": sorted(labels.get((n, v), []))}
+            for n, v, _ in self.cache.keys()
+        ]
+        models += [
+            {"name": n, "version": v, "warm": False, "serves": sorted(labels.get((n, v), []))}
+            for n, v in sorted(self.loading)
+        ]
+        for item in self.preloads:
+            if item.text in self.preload_problems:
+                continue
+            row = self.registry.lookup(item.name, item.version, item.alias)
+            if row is None or self.cache.peek(row) is None:
+                problems.append(f"preload {item.text}: not loaded yet")
+        try:
+            with self.sessions() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            problems.append(f"the database does not answer ({type(exc).__name__})")
+        ready = not problems
+        problems += list(self.swap_problems.values())
+        return Readiness(ready, self.replica, self.pushed(), models, problems)
 
     # ------------------------------------------------------------------ entry points
     async def predict_json(self, body: bytes) -> bytes:
@@ -129,6 +364,7 @@ class PredictionService:
 
     # ------------------------------------------------------------------ the steps
     async def _serve(self, parsed: inputs.PredictInput) -> bytes:
+        await charge_admitted(parsed.rows)  # the /predict limits count images (app/quotas.py)
         opts = parsed.options
         row = await self._resolve(opts)
         note_predict(
@@ -202,13 +438,8 @@ class PredictionService:
             return await self._off_loop(self.cache.get, row)
         except ModelArtifactError as exc:
             log.error("cannot serve %s v%s: %s", row.name, row.version, exc)
-            problem = (
-                "its artifact does not match the registered sha256"
-                if isinstance(exc, ModelIntegrityError)
-                else "its artifact is missing or cannot be loaded"
-            )
             raise ModelUnavailable(
-                f"model {row.name!r} version {row.version} cannot be served: {problem}"
+                f"model {row.name!r} version {row.version} cannot be served: {unservable(exc)}"
             ) from None
 
     def _batcher(self, predictor: Predictor, row: ServedVersion) -> MicroBatcher:
@@ -239,7 +470,11 @@ class PredictionService:
             raise ModelArtifactError(f"the artifact store failed: {exc.strerror}") from exc
 
     def _load(self, row: Any, path: Path) -> Predictor:
-        predictor = Predictor.from_path(path, row.sha256, name=row.name, version=row.version)
+        self.loading.add((row.name, row.version))
+        try:
+            predictor = Predictor.from_path(path, row.sha256, name=row.name, version=row.version)
+        finally:
+            self.loading.discard((row.name, row.version))
         cache_load(row.name)
         # The model and its traced function are long-lived: take them out of the GC's walks.
         tune_gc_for_serving()
@@ -247,6 +482,9 @@ class PredictionService:
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _in_refresher(self, fn: Callable[[], None]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._refresher, fn)
 
     # ------------------------------------------------------------------ admission
     @asynccontextmanager
@@ -267,6 +505,22 @@ class PredictionService:
                 yield
         finally:
             self._pending -= 1
+
+
+def unservable(exc: Exception) -> str:
+    """Why a model could not be loaded, in words fit for any caller (the log has the rest:
+    artifact errors name absolute paths)."""
+    if isinstance(exc, ModelIntegrityError):
+        return "its artifact does not match the registered sha256"
+    if isinstance(exc, ModelArtifactError):
+        return "its artifact is missing or cannot be loaded"
+    if isinstance(exc, DomainError):
+        return public_message(exc.message)
+    return f"{type(exc).__name__} (the log has the details)"
+
+
+def _label(name: str, label: str | None) -> str:
+    return f"{name}@{label}" if label is not LATEST else f"{name} (latest)"
 
 
 def tune_gc_for_serving() -> None:

@@ -146,6 +146,7 @@ class Route:
 INSTANCES = {"json": {"model": "model-a", "instances": [PIXELS.tolist()]}}
 ROUTES = [
     Route("GET", "/health", (), 200),
+    Route("GET", "/ready", (), 200),
     Route("GET", "/nets", ("read",), 200),
     Route("GET", "/summary/{net}".replace("{net}", "net1"), ("read",), 200),
     Route("POST", "/jobs", ("train",), 202, owned=True, kwargs={"json": {"net": "net1", "model_name": "model-a", "epochs": 1, "train_limit": 10}}),

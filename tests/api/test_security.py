@@ -234,14 +234,21 @@ def test_predict_is_rate_limited_per_key_with_retry_after(
         assert other.status_code == 404
 
 
-def test_the_token_bucket_refills():
-    from app.quotas import TokenBucket
+def test_the_hard_cap_refills_and_counts_images():
+    from app.quotas import ADMIT, CHARGE, Rules, settle
 
-    bucket = TokenBucket(rate=2.0, burst=2, now=0.0)
-    assert bucket.take(0.0) == 0 and bucket.take(0.0) == 0
-    assert bucket.take(0.0) == pytest.approx(0.5)
-    assert bucket.take(0.5) == 0  # one token came back after 0.5 s
-    assert bucket.take(100.0) == 0 and bucket.tokens == 1  # never more than the burst
+    rules = Rules(rate=2.0, burst=2, fair=False, window_s=2.0, capacity=1000.0)
+    buckets: dict = {}
+
+    def admit(now: float) -> float:
+        return settle(rules, now, buckets, 1, [(ADMIT, "k", 1)])[0].wait
+
+    assert admit(0.0) == 0 and admit(0.0) == 0
+    assert admit(0.0) == pytest.approx(0.5)
+    assert admit(0.5) == 0  # one image came back after 0.5 s
+    settle(rules, 0.5, buckets, 1, [(CHARGE, "k", 63)])  # the rest of a 64-image request
+    assert admit(1.0) == pytest.approx((1 - (1 - 63)) / 2.0)  # in debt: 31.5 s to repay
+    assert admit(100.0) == 0 and buckets["k"].hard == 1  # never more than the burst
 
 
 # ----------------------------------------------------------------------------- contract
