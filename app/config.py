@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.ml.params import Precision
@@ -85,14 +85,20 @@ class Settings(BaseSettings):
     # API worker processes of `cnn serve` (each has its own model cache and batchers).
     API_WORKERS: int = Field(default=1, ge=1, le=64)
 
-    # Live events: how often a `GET /jobs/{id}/events` stream looks for new events.
+    # Live events: how often a `GET /jobs/{id}/events` stream looks for new events, and how
+    # many streams one key may hold open in one API process (429 with Retry-After past it).
     EVENTS_POLL_S: float = Field(default=0.5, gt=0)
+    EVENT_STREAMS_PER_KEY: int = Field(default=16, ge=1, le=10_000)
     # /metrics answers without a key when true (for a Prometheus on a private network);
     # otherwise it needs a key with the `read` scope.
     METRICS_PUBLIC: bool = False
 
     API_HOST: str = "127.0.0.1"
     API_PORT: int = 8000
+    # Addresses (or networks) of the reverse proxies whose X-Forwarded-For/-Proto uvicorn
+    # believes, comma-separated; empty (the default) believes nobody, so a caller cannot
+    # choose its own address. "*" believes anyone: only where nothing but the proxy connects.
+    TRUSTED_PROXIES: str = Field(default="", max_length=4096)
 
     # Access control (docs/security.md). AUTH=off lets every request act as an admin.
     AUTH: Literal["on", "off"] = "on"
@@ -110,10 +116,20 @@ class Settings(BaseSettings):
     PREDICT_MAX_BODY_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024, le=2**30)
     # The file of POST /predict/image (its body may hold MULTIPART_OVERHEAD more for the form).
     UPLOAD_MAX_FILE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=2**30)
+    # A request's whole body must arrive within this many seconds of its headers (408
+    # request_timeout after it, and the connection is closed): a slow body holds nothing long.
+    BODY_TIMEOUT_S: float = Field(default=30.0, gt=0, le=3600)
+    # /predict bodies being received at once, in bytes, per key (429 past it) and for the
+    # whole API process (503 past it); admitted from Content-Length before a byte is read,
+    # and a chunked body counts as it arrives (docs/security.md).
+    PREDICT_INFLIGHT_BYTES_PER_KEY: int = Field(default=32 * 1024 * 1024, ge=1024, le=2**36)
+    PREDICT_INFLIGHT_BYTES: int = Field(default=128 * 1024 * 1024, ge=1024, le=2**38)
 
     # Quotas: queued-or-running jobs per key, and /predict requests per second per key
     # (token bucket of PREDICT_BURST requests; PREDICT_RATE_PER_S=0 turns the limit off).
     MAX_ACTIVE_JOBS_PER_KEY: int = Field(default=4, ge=1)
+    # Model names one key may own (a name is claimed by the first job accepted under it).
+    MAX_MODEL_NAMES_PER_KEY: int = Field(default=100, ge=1, le=1_000_000)
     PREDICT_RATE_PER_S: float = Field(default=50.0, ge=0)
     PREDICT_BURST: int = Field(default=100, ge=1)
     # /predict remembers a key's principal this long (no database query per request): a key
@@ -125,6 +141,25 @@ class Settings(BaseSettings):
     JOB_MAX_BATCH_SIZE: int = Field(default=2048, ge=1)
     # epochs x training images (50,000 for all of CIFAR-10): 200 full epochs by default.
     JOB_MAX_IMAGE_EPOCHS: int = Field(default=10_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _budgets_fit_a_body(self) -> Settings:
+        """A budget smaller than one allowed body would refuse every large body."""
+        if not (
+            self.PREDICT_MAX_BODY_BYTES
+            <= self.PREDICT_INFLIGHT_BYTES_PER_KEY
+            <= self.PREDICT_INFLIGHT_BYTES
+        ):
+            raise ValueError(
+                "expected PREDICT_MAX_BODY_BYTES <= PREDICT_INFLIGHT_BYTES_PER_KEY <= "
+                f"PREDICT_INFLIGHT_BYTES. Received: {self.PREDICT_MAX_BODY_BYTES}, "
+                f"{self.PREDICT_INFLIGHT_BYTES_PER_KEY}, {self.PREDICT_INFLIGHT_BYTES}"
+            )
+        return self
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        return [p.strip() for p in self.TRUSTED_PROXIES.split(",") if p.strip()]
 
     @property
     def database_url(self) -> str:

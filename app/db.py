@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -45,3 +45,24 @@ def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
 def rowcount(result: Result[Any]) -> int:
     """How many rows an UPDATE/DELETE matched (Session.execute types its result as Result)."""
     return cast(CursorResult[Any], result).rowcount
+
+
+def serialize(session: Session, kind: int, key: int) -> None:
+    """Until this transaction ends, no other transaction that calls serialize() with the same
+    (kind, key) runs, in any process: on PostgreSQL a transaction-level advisory lock, on
+    SQLite the database's write lock itself (BEGIN IMMEDIATE, which serialises every writer).
+
+    Call it before the reads that the transaction's writes depend on (a count, then an
+    insert): without it SQLite reads outside any transaction (pysqlite opens one only at
+    the first write) and two requests both see room for one more row.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(:kind, :key)"), {"kind": kind, "key": key}
+        )
+    elif connection.dialect.name == "sqlite":
+        raw = connection.connection.dbapi_connection
+        if not getattr(raw, "in_transaction", False):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Already in a transaction: it has written, so it holds the write lock already.
