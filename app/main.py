@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.predict_limiter = RateLimiter(settings.PREDICT_RATE_PER_S, settings.PREDICT_BURST)
     app.state.principal_cache = PrincipalCache(settings.AUTH_CACHE_S)
     app.state.prediction = prediction
+    app.state.event_streams = events.StreamSlots(settings.EVENT_STREAMS_PER_KEY)
     install_error_handlers(app)
     app.add_middleware(predict.PredictFastPath)  # innermost: inside the host and body-size guards
     install_limits(app, settings)
