@@ -77,6 +77,8 @@ STATUS: dict[str, int] = {
     "rate_limited": 429,
     "overloaded": 503,
     "internal_error": 500,
+    # never sent: the client closed the connection first (nginx's 499); the metrics count it
+    "client_closed_request": 499,
 }
 
 
@@ -330,6 +332,7 @@ def error_response(request: Any, exc: Exception) -> JSONResponse:
     from fastapi.responses import JSONResponse
     from sqlalchemy.exc import OperationalError
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     def render(
         code: str,
@@ -343,6 +346,10 @@ def error_response(request: Any, exc: Exception) -> JSONResponse:
 
     if isinstance(exc, DomainError):
         return render(exc.code, exc.message, exc.details, exc.headers)
+    if isinstance(exc, ClientDisconnect):
+        # Not a server error: nobody is left to answer (the server drops what is sent).
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return render("client_closed_request", "the client closed the connection")
     if isinstance(exc, RequestValidationError):
         message, fields = _describe_validation(exc)
         return render("validation_error", message, {"fields": fields})

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import auth
 from app.api.deps import JobReader, SessionDep, SettingsDep
-from app.auth import Principal
+from app.api.limits import caller_of
 from app.errors import TooManyStreams
 from app.events import MAX_EVENT_ID, last_event_id, poll
 from app.jobs import service as job_service
@@ -73,12 +73,6 @@ class StreamSlots:
                     del self.open[caller]
 
         return release
-
-
-def _caller(request: Request, principal: Principal) -> str:
-    if principal.id is not None:
-        return f"key:{principal.id}"
-    return f"anon:{request.client.host if request.client else 'unknown'}"
 
 
 @router.get(
@@ -132,7 +126,7 @@ async def job_events(
     # the newest one, so that the client still gets what comes next.
     start = min(start, last)
     session.close()  # a long stream must not hold a pooled connection between polls
-    release = request.app.state.event_streams.take(_caller(request, principal))
+    release = request.app.state.event_streams.take(caller_of(principal, request.client))
     sessions = request.app.state.sessionmaker
     interval = settings.EVENTS_POLL_S
 

@@ -43,6 +43,7 @@ from app.ml.inference import ModelCache, Predictor
 from app.ml.nets import CLASS_NAMES
 from app.schemas import PredictOptions
 from app.serving import inputs
+from app.serving.admission import BodyBudget
 from app.serving.batching import MicroBatcher
 from app.serving.resolver import RegistryView, ServedVersion
 
@@ -69,6 +70,10 @@ class PredictionService:
             max_workers=settings.PREDICT_THREADS, thread_name_prefix="predict"
         )
         self._batchers: dict[tuple[str, int, str], MicroBatcher] = {}
+        # Bodies admitted before they are read (app/serving/admission.py, app/api/predict.py).
+        self.bodies = BodyBudget(
+            settings.PREDICT_INFLIGHT_BYTES_PER_KEY, settings.PREDICT_INFLIGHT_BYTES
+        )
         self._pending = 0
         self._slots: asyncio.Semaphore | None = None
         self._poller: asyncio.Task[None] | None = None
