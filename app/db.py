@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -14,6 +16,7 @@ from app.config import Settings, get_settings
 def make_engine(url: str) -> Engine:
     """An engine that behaves the same on PostgreSQL and on the embedded SQLite file."""
     if url.startswith("sqlite"):
+        owner_only_sqlite(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -27,6 +30,22 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def owner_only_sqlite(url: str) -> None:
+    """The SQLite file of `url` (it holds the key hashes) readable by its owner only: created
+    0600 when missing, narrowed to 0600 with its -wal and -shm files when wider. SQLite
+    gives the -wal and -shm files it creates the database file's mode."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if not path.parent.is_dir():
+        return  # created later by whoever creates the folder
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
 
 
 @lru_cache(maxsize=8)
