@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 
 from app.api import (
     compare,
@@ -139,6 +141,28 @@ def _document_security(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+# Swagger UI's files, vendored (app/static/swagger/VERSION) and served by the dashboard's
+# /static mount: the page where keys are pasted loads nothing from another host.
+SWAGGER_ASSETS = "/static/swagger"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """GET /docs: Swagger UI from this service's own files, offline, with the validator
+    badge off (it would send the schema's URL to validator.swagger.io)."""
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
+            oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": False},
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: the process settings).
 
@@ -164,6 +188,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Train CIFAR-10 classifiers as jobs, track their curves, register and serve them.",
         lifespan=lifespan,
+        # /docs is ours (_install_docs); ReDoc is not offered: it loads from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
@@ -191,4 +218,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /metrics takes the read scope unless the operator opened it to a private Prometheus.
     app.include_router(metrics.router, dependencies=[] if settings.METRICS_PUBLIC else [ReadAccess])
     dashboard.install(app)
+    _install_docs(app)
     return app
