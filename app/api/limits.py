@@ -8,8 +8,8 @@
   lying body is cut off at the limit (413 `too_large`). Limits: PREDICT_MAX_BODY_BYTES for
   POST /predict, UPLOAD_MAX_FILE_BYTES (+ room for the form fields) for the multipart
   upload, MAX_JSON_BODY_BYTES for everything else. The whole body must arrive within
-  BODY_TIMEOUT_S of the request (408 `request_timeout`), and an answer sent before the
-  body was read to its end closes the connection, so that the server never goes on
+  BODY_TIMEOUT_S of the request (408 `request_timeout`), and an answer sent before a
+  large body was read to its end closes the connection, so that the server never goes on
   reading (and discarding) the rest of a body nobody wants.
 """
 
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 # Room for the multipart boundaries and the small form fields next to the file.
 MULTIPART_OVERHEAD = 64 * 1024
 CONNECTION_CLOSE = (b"connection", b"close")
+# An answer sent before the body was read closes the connection when the body is larger
+# than this (or chunked); a smaller one is already in the server's buffer (uvicorn reads
+# 64 KiB ahead), so the connection can be kept.
+CLOSE_UNREAD_OVER = 64 * 1024
 
 
 def caller_of(principal: Principal | None, client: Any) -> str:
@@ -126,6 +130,7 @@ class BodyLimit:
         deadline = asyncio.get_running_loop().time() + self.timeout
         received = 0
         complete = False
+        small = declared is not None and declared <= CLOSE_UNREAD_OVER
 
         async def counted() -> Message:
             nonlocal received, complete
@@ -154,7 +159,7 @@ class BodyLimit:
             return msg
 
         async def closing(msg: Message) -> None:
-            if msg["type"] == "http.response.start" and not complete:
+            if msg["type"] == "http.response.start" and not (complete or small):
                 headers = list(msg.get("headers", ()))
                 if CONNECTION_CLOSE not in headers:
                     msg = {**msg, "headers": [*headers, CONNECTION_CLOSE]}

@@ -5,7 +5,8 @@ and held gigabytes. Now a body is admitted before its first byte is read, from i
 Content-Length; a chunked body (no length) is counted as it arrives, against the same
 budgets. A caller past its own budget gets 429 `rate_limited` (the key above its share);
 past the process's budget every caller gets 503 `overloaded`, both with Retry-After, and the
-connection is closed without reading the body. The bytes are given back when the answer is
+connection is closed without reading the body; bodies of at most 64 KiB are never refused
+for the process's budget (see ALWAYS_ADMITTED). The bytes are given back when the answer is
 ready. No HTTP here: the route (app/api/predict.py) reads the body and charges it.
 """
 
@@ -17,6 +18,11 @@ from types import TracebackType
 from app.errors import Overloaded, RateLimited
 
 MIB = 1024 * 1024
+# A declared body this small is in the server's read buffer already (uvicorn reads 64 KiB
+# ahead): refusing it saves no memory, so the process's budget never refuses it (it still
+# counts, and the caller's budget still applies). Bodies from many keys that fill the
+# process's budget then cannot shut out everyone's one-image requests.
+ALWAYS_ADMITTED = 64 * 1024
 
 
 def _mib(n: int) -> str:
@@ -38,10 +44,10 @@ class BodyBudget:
         """An admission for one request; its declared length is reserved now."""
         admission = Admission(self, caller)
         if declared:
-            admission.take(declared)
+            admission.take(declared, small=declared <= ALWAYS_ADMITTED)
         return admission
 
-    def _reserve(self, caller: str, n: int) -> None:
+    def _reserve(self, caller: str, n: int, small: bool) -> None:
         with self._lock:
             mine = self.by_caller.get(caller, 0)
             if mine + n > self.per_caller:
@@ -51,7 +57,7 @@ class BodyBudget:
                     "(PREDICT_INFLIGHT_BYTES_PER_KEY); wait for an answer first",
                     retry_after=1,
                 )
-            if self.held + n > self.total:
+            if self.held + n > self.total and not small:
                 raise Overloaded(
                     f"the service is receiving {_mib(self.held)} of /predict bodies, its most "
                     f"(PREDICT_INFLIGHT_BYTES={_mib(self.total)}); retry in a moment"
@@ -77,9 +83,10 @@ class Admission:
         self.caller = caller
         self.held = 0
 
-    def take(self, n: int) -> None:
-        """Hold `n` more bytes (RateLimited or Overloaded when they do not fit)."""
-        self.budget._reserve(self.caller, n)
+    def take(self, n: int, small: bool = False) -> None:
+        """Hold `n` more bytes (RateLimited or Overloaded when they do not fit; `small`: a
+        whole body of at most ALWAYS_ADMITTED bytes, which the process's budget admits)."""
+        self.budget._reserve(self.caller, n, small)
         self.held += n
 
     def close(self) -> None:
