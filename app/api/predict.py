@@ -7,8 +7,9 @@ docs/serving.md); it raises domain errors (app.errors), rendered by the app's ha
 /predict admits a body before reading a byte of it, in this order: the key, its scope and
 its rate (authorise_predict), the media type and a raw body's shape, then its bytes in
 flight (app/serving/admission.py). The body is then read into one buffer of its declared
-size, not a list of chunks joined at the end (which held each body twice, in pieces that
-fragmented the heap). It must arrive within BODY_TIMEOUT_S (app/api/limits.py).
+size, not kept as a list of the server's chunks until it is whole (those pieces lived as long
+as a slow body took, scattered through the heap, and stayed as fragmentation after a flood).
+It must arrive within BODY_TIMEOUT_S (app/api/limits.py).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def _declared_length(request: Request) -> int | None:
 async def read_body(request: Request, admission: Admission) -> bytes:
     """The whole body. A body that comes in one piece is used as it is; a longer one is
     copied into one buffer of its declared size as it arrives (a chunked one, which has no
-    size, grows one buffer and is charged to `admission` piece by piece)."""
+    size, grows one buffer and is charged to `admission` piece by piece). The parsers take
+    bytes: the finished buffer is copied once into them and freed at once."""
     declared = _declared_length(request)
     buffer: bytearray | None = None
     filled = 0
