@@ -99,8 +99,8 @@ def _no_null_form_fields(schema: dict[str, Any]) -> None:
 
 def _document_security(app: FastAPI, settings: Settings) -> None:
     """Complete the OpenAPI document with what the guards answer, so that every status the
-    service sends is documented: 401/403 on every secured operation, 413 where a body is
-    read, 429 on /predict, the common error body, and the job size bounds of `settings`
+    service sends is documented: 401/403 on every secured operation, 408 and 413 where a body
+    is read, 429 on /predict, the common error body, and the job size bounds of `settings`
     (a request the schema allows is one the service accepts)."""
     build = app.openapi
 
@@ -116,6 +116,7 @@ def _document_security(app: FastAPI, settings: Settings) -> None:
                 responses = operation.setdefault("responses", {})
                 extra = dict(_GUARD_RESPONSES) if operation.get("security") else {}
                 if "requestBody" in operation:
+                    extra["408"] = "The body did not arrive in BODY_TIMEOUT_S (`request_timeout`)."
                     extra["413"] = "The body is over its limit (`too_large`)."
                 if path.startswith(PREDICT_PATH):
                     extra["429"] = "Too many requests for this key (`rate_limited`, Retry-After)."
