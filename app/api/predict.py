@@ -5,8 +5,8 @@ rules, model resolution, batching and the answer's shape belong to app.serving (
 docs/serving.md); it raises domain errors (app.errors), rendered by the app's handlers.
 
 /predict admits a body before reading a byte of it, in this order: the key, its scope and
-its rate (authorise_predict), the media type and a raw body's shape, then its bytes in
-flight (app/serving/admission.py). The body is then read into one buffer of its declared
+its rate (authorise_predict), the media type and a raw body's shape, then the service's
+room for one more prediction and the body's bytes in flight (PredictionService.admit). The body is then read into one buffer of its declared
 size, not kept as a list of the server's chunks until it is whole (those pieces lived as long
 as a slow body took, scattered through the heap, and stayed as fragmentation after a flood).
 It must arrive within BODY_TIMEOUT_S (app/api/limits.py).
@@ -144,7 +144,7 @@ async def predict(request: Request, principal: PredictPrincipal) -> Response:
             media,
         )
     caller = caller_of(principal, request.client)
-    with service.bodies.admit(caller, _declared_length(request)) as admission:
+    with service.admit(caller, _declared_length(request)) as admission:
         body = await read_body(request, admission)
         if raw is not None:
             return _json(await service.predict_raw(body, *raw))

@@ -43,7 +43,7 @@ from app.ml.inference import ModelCache, Predictor
 from app.ml.nets import CLASS_NAMES
 from app.schemas import PredictOptions
 from app.serving import inputs
-from app.serving.admission import BodyBudget
+from app.serving.admission import Admission, BodyBudget
 from app.serving.batching import MicroBatcher
 from app.serving.resolver import RegistryView, ServedVersion
 
@@ -243,16 +243,27 @@ class PredictionService:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ------------------------------------------------------------------ admission
-    @asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
-        """At most PREDICT_MAX_PENDING requests admitted (503 past it), of which at most
-        PREDICT_CONCURRENCY are worked on at once; the others wait without costing the
-        event loop anything, so that other routes' steps are not queued behind them."""
+    def admit(self, caller: str, declared: int | None) -> Admission:
+        """A /predict body's admission, before a byte of it is read: refused at once when
+        PREDICT_MAX_PENDING predictions are in progress already (503), or when its bytes do
+        not fit the caller's or the process's budget (BodyBudget). A context manager: the
+        bytes come back at its end."""
+        self._check_pending()
+        return self.bodies.admit(caller, declared)
+
+    def _check_pending(self) -> None:
         if self._pending >= self.settings.PREDICT_MAX_PENDING:
             raise Overloaded(
                 f"more than {self.settings.PREDICT_MAX_PENDING} predictions are in progress; "
                 "retry in a moment"
             )
+
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """At most PREDICT_MAX_PENDING requests admitted (503 past it), of which at most
+        PREDICT_CONCURRENCY are worked on at once; the others wait without costing the
+        event loop anything, so that other routes' steps are not queued behind them."""
+        self._check_pending()
         self._pending += 1
         try:
             if self._slots is None:
