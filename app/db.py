@@ -78,7 +78,8 @@ def serialize(session: Session, kind: int, key: int) -> None:
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         connection.execute(
-            text("SELECT pg_advisory_xact_lock(:kind, :key)"), {"kind": kind, "key": key}
+            text("SELECT pg_advisory_xact_lock(CAST(:kind AS integer), CAST(:key AS integer))"),
+            {"kind": kind, "key": key},
         )
     elif connection.dialect.name == "sqlite":
         raw = connection.connection.dbapi_connection

@@ -142,8 +142,9 @@ def create_job(
         try:
             return _create_serialised(session, data, idempotency_key, principal, settings)
         except IntegrityError:
-            # Another caller committed the same new model name first (the only conflict
-            # the serialisation leaves): look again, which now finds it taken.
+            # Another transaction committed first what this one inserts: the same new model
+            # name (another caller's submission), or a job with this idempotency key written
+            # outside a submission. Look again: the name is taken, or the job replays.
             session.rollback()
             if attempt >= _CREATE_ATTEMPTS:
                 raise
