@@ -23,11 +23,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import Forbidden, KeyInUse, KeyNameTaken, KeyNotFound, Unauthorized
+from app.errors import (
+    Forbidden,
+    KeyInUse,
+    KeyNameTaken,
+    KeyNotFound,
+    TooManyModelNames,
+    Unauthorized,
+)
 from app.models import ApiKey, Job, ModelOwner, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -236,10 +243,15 @@ def check_model_owner(session: Session, principal: Principal, name: str) -> None
         raise Forbidden(f"the model name {name!r} is not yours")
 
 
-def claim_model_name(session: Session, principal: Principal, name: str) -> None:
-    """Make `principal` the owner of `name` if nobody is (committed); Forbidden if someone
-    else is. Called before a job that registers under `name` is inserted. Two keys racing
-    for a new name both try the INSERT; the primary key lets one win and the other reads it.
+def claim_model_name(session: Session, principal: Principal, name: str, max_names: int) -> None:
+    """Make `principal` the owner of `name` if nobody is; Forbidden if someone else is.
+
+    Nothing is committed here: the claim is part of the transaction that accepts the job
+    (app.jobs.service.create_job), so a refused job claims nothing. A key owns at most
+    `max_names` names (TooManyModelNames); admins' names belong to the administrators and
+    are not counted. Two keys racing for a new name both INSERT; the primary key lets one
+    commit, and the other's IntegrityError makes its caller try again, which then finds the
+    name taken.
     """
     row = model_owner(session, name)
     if row is None:
@@ -248,14 +260,19 @@ def claim_model_name(session: Session, principal: Principal, name: str) -> None:
             select(ModelVersion.id).where(ModelVersion.name == name).limit(1)
         )
         owner = None if principal.is_admin or registered is not None else principal.id
+        if owner is not None:
+            owned = session.scalar(
+                select(func.count()).select_from(ModelOwner).where(ModelOwner.owner_id == owner)
+            )
+            if (owned or 0) >= max_names:
+                raise TooManyModelNames(
+                    f"this key owns {owned} model names, the most allowed "
+                    f"(MAX_MODEL_NAMES_PER_KEY={max_names}); submit under one of them"
+                )
         row = ModelOwner(name=name, owner_id=owner, created_at=datetime.now(UTC))
         session.add(row)
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            row = model_owner(session, name)
-    if row is not None and not principal.owns(row.owner_id):
+        session.flush()
+    if not principal.owns(row.owner_id):
         raise Forbidden(
             f"the model name {name!r} belongs to another API key; choose another model_name"
         )

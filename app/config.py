@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.ml.params import Precision
@@ -104,14 +104,20 @@ class Settings(BaseSettings):
     # `name:version`; GET /ready answers 503 until they are warm (docs/serving.md).
     PREDICT_PRELOAD: str = Field(default="", max_length=2048)
 
-    # Live events: how often a `GET /jobs/{id}/events` stream looks for new events.
+    # Live events: how often a `GET /jobs/{id}/events` stream looks for new events, and how
+    # many streams one key may hold open in one API process (429 with Retry-After past it).
     EVENTS_POLL_S: float = Field(default=0.5, gt=0)
+    EVENT_STREAMS_PER_KEY: int = Field(default=16, ge=1, le=10_000)
     # /metrics answers without a key when true (for a Prometheus on a private network);
     # otherwise it needs a key with the `read` scope.
     METRICS_PUBLIC: bool = False
 
     API_HOST: str = "127.0.0.1"
     API_PORT: int = 8000
+    # Addresses (or networks) of the reverse proxies whose X-Forwarded-For/-Proto uvicorn
+    # believes, comma-separated; empty (the default) believes nobody, so a caller cannot
+    # choose its own address. "*" believes anyone: only where nothing but the proxy connects.
+    TRUSTED_PROXIES: str = Field(default="", max_length=4096)
 
     # Access control (docs/security.md). AUTH=off lets every request act as an admin.
     AUTH: Literal["on", "off"] = "on"
@@ -129,9 +135,19 @@ class Settings(BaseSettings):
     PREDICT_MAX_BODY_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024, le=2**30)
     # The file of POST /predict/image (its body may hold MULTIPART_OVERHEAD more for the form).
     UPLOAD_MAX_FILE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=2**30)
+    # A request's whole body must arrive within this many seconds of its headers (408
+    # request_timeout after it, and the connection is closed): a slow body holds nothing long.
+    BODY_TIMEOUT_S: float = Field(default=30.0, gt=0, le=3600)
+    # /predict bodies being received at once, in bytes, per key (429 past it) and for the
+    # whole API process (503 past it); admitted from Content-Length before a byte is read,
+    # and a chunked body counts as it arrives (docs/security.md).
+    PREDICT_INFLIGHT_BYTES_PER_KEY: int = Field(default=32 * 1024 * 1024, ge=1024, le=2**36)
+    PREDICT_INFLIGHT_BYTES: int = Field(default=128 * 1024 * 1024, ge=1024, le=2**38)
 
     # Quotas: queued-or-running jobs per key.
     MAX_ACTIVE_JOBS_PER_KEY: int = Field(default=4, ge=1)
+    # Model names one key may own (a name is claimed by the first job accepted under it).
+    MAX_MODEL_NAMES_PER_KEY: int = Field(default=100, ge=1, le=1_000_000)
     # /predict counts images (docs/security.md, "Fair sharing"). A key alone may use the whole
     # fleet; while two or more keys have predicted in the last PREDICT_FAIR_WINDOW_S, each may
     # use an equal share of PREDICT_CAPACITY_IMAGES_PER_S, the fleet's images/s.
@@ -162,6 +178,25 @@ class Settings(BaseSettings):
     SWEEP_MAX_TRIALS: int = Field(default=100, ge=1, le=10_000)
     SWEEP_MAX_PARALLEL: int = Field(default=4, ge=1, le=64)
     MAX_ACTIVE_SWEEPS_PER_KEY: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _budgets_fit_a_body(self) -> Settings:
+        """A budget smaller than one allowed body would refuse every large body."""
+        if not (
+            self.PREDICT_MAX_BODY_BYTES
+            <= self.PREDICT_INFLIGHT_BYTES_PER_KEY
+            <= self.PREDICT_INFLIGHT_BYTES
+        ):
+            raise ValueError(
+                "expected PREDICT_MAX_BODY_BYTES <= PREDICT_INFLIGHT_BYTES_PER_KEY <= "
+                f"PREDICT_INFLIGHT_BYTES. Received: {self.PREDICT_MAX_BODY_BYTES}, "
+                f"{self.PREDICT_INFLIGHT_BYTES_PER_KEY}, {self.PREDICT_INFLIGHT_BYTES}"
+            )
+        return self
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        return [p.strip() for p in self.TRUSTED_PROXIES.split(",") if p.strip()]
 
     @property
     def database_url(self) -> str:

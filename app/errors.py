@@ -33,6 +33,7 @@ STATUS: dict[str, int] = {
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "too_large": 413,
     "too_many_instances": 413,
     "unsupported_media_type": 415,
@@ -54,6 +55,8 @@ STATUS: dict[str, int] = {
     "idempotency_key_reused": 409,
     "job_too_large": 422,
     "quota_exceeded": 429,
+    "too_many_model_names": 422,
+    "too_many_streams": 429,
     # app.states.InvalidTransition (beside the state machine it enforces)
     "job_terminal": 409,
     "invalid_transition": 409,
@@ -81,6 +84,8 @@ STATUS: dict[str, int] = {
     "rate_limited": 429,
     "overloaded": 503,
     "internal_error": 500,
+    # never sent: the client closed the connection first (nginx's 499); the metrics count it
+    "client_closed_request": 499,
 }
 
 
@@ -185,7 +190,20 @@ class JobTooLarge(DomainError, code="job_too_large"):
 
 
 class QuotaExceeded(DomainError, code="quota_exceeded"):
-    """The key has MAX_ACTIVE_JOBS_PER_KEY queued-or-running jobs."""
+    """The key has MAX_ACTIVE_JOBS_PER_KEY queued-or-running jobs. A slot frees when one of
+    them ends, which takes minutes: Retry-After says when asking again is worth it."""
+
+    headers = {"Retry-After": "30"}
+
+
+class TooManyModelNames(DomainError, code="too_many_model_names"):
+    """The key owns MAX_MODEL_NAMES_PER_KEY model names; a job must reuse one of them."""
+
+
+class TooManyStreams(DomainError, code="too_many_streams"):
+    """The key holds EVENT_STREAMS_PER_KEY event streams in this API process already."""
+
+    headers = {"Retry-After": "5"}
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -308,9 +326,13 @@ FASTAPI_BODY_ERROR = "There was an error parsing the body"
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "too_large",
     415: "unsupported_media_type",
 }
+# Starlette's multipart errors (a 400 whose detail is the parser's message): those about a
+# size or a count are `too_large`, the rest a malformed body (`validation_error`).
+_MULTIPART_TOO_LARGE = ("Too many ", "Part exceeded ", "Field exceeded ")
 
 
 def allowed_methods(request: Any) -> list[str]:
@@ -342,6 +364,7 @@ def error_response(request: Any, exc: Exception) -> JSONResponse:
     from fastapi.responses import JSONResponse
     from sqlalchemy.exc import OperationalError
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     def render(
         code: str,
@@ -355,6 +378,10 @@ def error_response(request: Any, exc: Exception) -> JSONResponse:
 
     if isinstance(exc, DomainError):
         return render(exc.code, exc.message, exc.details, exc.headers)
+    if isinstance(exc, ClientDisconnect):
+        # Not a server error: nobody is left to answer (the server drops what is sent).
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        return render("client_closed_request", "the client closed the connection")
     if isinstance(exc, RequestValidationError):
         message, fields = _describe_validation(exc)
         return render("validation_error", message, {"fields": fields})
@@ -370,6 +397,15 @@ def error_response(request: Any, exc: Exception) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
             # Bytes that are not UTF-8 JSON: the same 422 as any other malformed JSON.
             return render("validation_error", "body: the body is not valid UTF-8 JSON")
+        if exc.status_code == 400:
+            # The framework's own 400s come from the multipart parser: a documented code,
+            # never the catch-all http_error.
+            detail = str(exc.detail)
+            too_large = detail.startswith(_MULTIPART_TOO_LARGE)
+            return render(
+                "too_large" if too_large else "validation_error",
+                f"body: the multipart form cannot be read ({detail[:200]})",
+            )
         if exc.status_code == 405:
             headers = {"Allow": ", ".join(allowed_methods(request))}
         return JSONResponse(

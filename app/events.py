@@ -28,6 +28,8 @@ from app.states import is_terminal
 
 # One poll returns at most this many events; the next poll continues.
 BATCH = 500
+# The largest event id a client may send (`?after=` or Last-Event-ID): ids are BIGINT.
+MAX_EVENT_ID = 2**62
 
 
 @dataclass(frozen=True)
@@ -43,17 +45,6 @@ class Event:
         """The event in the text/event-stream format (one `data:` line of JSON)."""
         payload = json.dumps(self.data, separators=(",", ":"), default=str)
         return f"id: {self.id}\nevent: {self.kind}\ndata: {payload}\n\n".encode()
-
-
-def parse_last_event_id(value: str | None) -> int:
-    """The id to continue after; 0 (from the start) for a missing or malformed value."""
-    if value is None:
-        return 0
-    try:
-        number = int(value.strip())
-    except ValueError:
-        return 0
-    return max(number, 0)
 
 
 def read_events(session: Session, job_id: uuid.UUID, after: int, limit: int = BATCH) -> list[Event]:
@@ -98,6 +89,18 @@ def read_events(session: Session, job_id: uuid.UUID, after: int, limit: int = BA
         events.append(Event(event.id, "status", data, terminal=terminal))
     session.rollback()  # end the read transaction; the next poll must see new commits
     return events
+
+
+def poll(session: Session, job_id: uuid.UUID, after: int) -> tuple[list[Event], bool]:
+    """The job's events after `after` (see read_events), and whether the stream is over: no
+    new event and the job is terminal. A cursor past the terminal event (a client that
+    claims ids that do not exist) still ends the stream, which would otherwise poll for ever."""
+    events = read_events(session, job_id, after)
+    if events:
+        return events, False
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    session.rollback()
+    return events, status is None or is_terminal(status)
 
 
 def last_event_id(session: Session, job_id: uuid.UUID) -> int:

@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 
 from app.api import (
     compare,
@@ -99,8 +101,8 @@ def _no_null_form_fields(schema: dict[str, Any]) -> None:
 
 def _document_security(app: FastAPI, settings: Settings) -> None:
     """Complete the OpenAPI document with what the guards answer, so that every status the
-    service sends is documented: 401/403 on every secured operation, 413 where a body is
-    read, 429 on /predict, the common error body, and the job size bounds of `settings`
+    service sends is documented: 401/403 on every secured operation, 408 and 413 where a body
+    is read, 429 on /predict, the common error body, and the job size bounds of `settings`
     (a request the schema allows is one the service accepts)."""
     build = app.openapi
 
@@ -116,6 +118,7 @@ def _document_security(app: FastAPI, settings: Settings) -> None:
                 responses = operation.setdefault("responses", {})
                 extra = dict(_GUARD_RESPONSES) if operation.get("security") else {}
                 if "requestBody" in operation:
+                    extra["408"] = "The body did not arrive in BODY_TIMEOUT_S (`request_timeout`)."
                     extra["413"] = "The body is over its limit (`too_large`)."
                 if path.startswith(PREDICT_PATH):
                     extra["429"] = "Too many requests for this key (`rate_limited`, Retry-After)."
@@ -139,6 +142,28 @@ def _document_security(app: FastAPI, settings: Settings) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# Swagger UI's files, vendored (app/static/swagger/VERSION) and served by the dashboard's
+# /static mount: the page where keys are pasted loads nothing from another host.
+SWAGGER_ASSETS = "/static/swagger"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """GET /docs: Swagger UI from this service's own files, offline, with the validator
+    badge off (it would send the schema's URL to validator.swagger.io)."""
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
+            oauth2_redirect_url=None,
+            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": False},
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -179,12 +204,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Train CIFAR-10 classifiers as jobs, track their curves, register and serve them.",
         lifespan=lifespan,
+        # /docs is ours (_install_docs); ReDoc is not offered: it loads from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.sessionmaker = sessions
     app.state.predict_limiter = limiter
     app.state.principal_cache = principals
     app.state.prediction = prediction
+    app.state.event_streams = events.StreamSlots(settings.EVENT_STREAMS_PER_KEY)
     install_error_handlers(app)
     app.add_middleware(predict.PredictFastPath)  # innermost: inside the host and body-size guards
     install_limits(app, settings)
@@ -206,4 +235,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /metrics takes the read scope unless the operator opened it to a private Prometheus.
     app.include_router(metrics.router, dependencies=[] if settings.METRICS_PUBLIC else [ReadAccess])
     dashboard.install(app)
+    _install_docs(app)
     return app

@@ -58,6 +58,10 @@ class Job(Base):
     """One training run of one net with one set of parameters."""
 
     __tablename__ = "jobs"
+    # An Idempotency-Key names a job within its owner's submissions only (0006).
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     net: Mapped[str] = mapped_column(String(64), index=True)
@@ -106,7 +110,7 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     device: Mapped[str | None] = mapped_column(String(255), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", use_alter=True), nullable=True
     )

@@ -56,7 +56,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal
 from app.config import Settings
 from app.errors import QuotaExceeded, RateLimited
-from app.models import ApiKey, Job, RateBucket
+from app.models import Job, RateBucket
 from app.states import JobStatus
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,14 @@ ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 def check_job_quota(session: Session, principal: Principal, limit: int) -> None:
-    """QuotaExceeded when the key already has `limit` queued-or-running jobs.
+    """QuotaExceeded (429, Retry-After) when the key already has `limit` queued-or-running jobs.
 
-    The key's row is locked first (PostgreSQL; SQLite serialises writers anyway), so two
-    concurrent submissions of one key are counted one after the other.
+    A count, then the caller's INSERT: atomic only inside the submission's serialisation
+    (app.db.serialize, taken by app.jobs.service.create_job before it calls this), so that
+    concurrent submissions of one key, through any API process, are counted one by one.
     """
     if principal.id is None:
         return  # AUTH=off: there is no key to count for
-    session.execute(select(ApiKey.id).where(ApiKey.id == principal.id).with_for_update())
     active = session.scalar(
         select(func.count())
         .select_from(Job)

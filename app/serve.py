@@ -290,16 +290,73 @@ def _bootstrap_admin_key(settings: Settings) -> None:
         log.info("admin API key: %s", settings.admin_key_file)
 
 
-def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
-    """Run until SIGINT/SIGTERM; returns the exit code for `cnn serve`."""
+def secure_state(settings: Settings) -> None:
+    """The state folders (STATE_DIR, artifacts, the data cache, the embedded broker) owner-only
+    (0700) and the embedded database 0600 with its -wal and -shm files, whether they are
+    created now or were left wider: the database holds the key hashes, the folders the
+    models and the queued messages."""
+    from app.db import owner_only_sqlite
+
+    folders = [settings.STATE_DIR, settings.artifact_dir, settings.cache_dir]
+    if settings.embedded_broker:
+        folders.append(settings.broker_dir)
+    for folder in folders:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.stat().st_mode & 0o077:
+            folder.chmod(0o700)
+    if not settings.DATABASE_URL:
+        owner_only_sqlite(settings.database_url)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's settings besides the app: X-Forwarded-For/-Proto believed from
+    TRUSTED_PROXIES only. uvicorn's own default believes any loopback peer, so a local
+    caller could name any address and rotate it past the per-address limits."""
+    proxies = settings.trusted_proxies
+    if not proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": proxies}
+
+
+def run_api(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
+    """The API in this process until SIGINT/SIGTERM (API_WORKERS > 1: that many processes,
+    which uvicorn spawns and which build their app from the environment)."""
     import uvicorn
 
     from app.main import create_app
+
+    options = uvicorn_options(settings)
+    if settings.API_WORKERS > 1:
+        # Each API process has its own model cache and batchers; they see each other's
+        # registry changes within REGISTRY_POLL_S. uvicorn spawns them (no fork after
+        # TensorFlow) and builds each app from the environment, so hand the settings down.
+        os.environ.update(settings_env(settings))
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=settings.API_WORKERS,
+            log_level=log_level,
+            **options,
+        )
+        return
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level=log_level, **options
+    )
+    uvicorn.Server(config).run()
+
+
+def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
+    """Run until SIGINT/SIGTERM; returns the exit code for `cnn serve`."""
     from app.migrate import upgrade
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings.STATE_DIR.mkdir(parents=True, exist_ok=True)
+    # Everything the service and its workers create from here on is owner-only (the
+    # database, models, checkpoints, messages); what exists already is narrowed.
+    os.umask(0o077)
+    secure_state(settings)
     upgrade(settings.database_url)
     _bootstrap_admin_key(settings)
     log.info(
@@ -342,24 +399,7 @@ def serve(settings: Settings, host: str, port: int, gpus: str = "all") -> int:
     for supervisor in supervisors:
         supervisor.start()
     try:
-        if settings.API_WORKERS > 1:
-            # Each API process has its own model cache and batchers; they see each other's
-            # registry changes within REGISTRY_POLL_S. uvicorn spawns them (no fork after
-            # TensorFlow) and builds each app from the environment, so hand the settings down.
-            os.environ.update(settings_env(settings))
-            uvicorn.run(
-                "app.main:create_app",
-                factory=True,
-                host=host,
-                port=port,
-                workers=settings.API_WORKERS,
-                log_level="info",
-            )
-        else:
-            server = uvicorn.Server(
-                uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
-            )
-            server.run()
+        run_api(settings, host, port)
     finally:
         for supervisor in supervisors:
             supervisor.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -96,7 +98,8 @@ def test_sqlite_upgrade_head_then_downgrade_base(tmp_path):
 
 
 def test_the_migrated_schema_enforces_the_models_constraints(tmp_path):
-    """On SQLite (batch mode rebuilt jobs), the unique key on idempotency_key survived."""
+    """On SQLite (batch mode rebuilt jobs), the unique key on (owner, idempotency key)
+    survived, and so did the triggers that write a job's events (0006 rebuilds them)."""
     url = f"sqlite:///{tmp_path / 'cnn.db'}"
     upgrade(url)
     engine = create_engine(url)
@@ -104,10 +107,57 @@ def test_the_migrated_schema_enforces_the_models_constraints(tmp_path):
         with engine.connect() as conn:
             uniques = inspect(conn).get_unique_constraints("jobs")
             indexes = {ix["name"] for ix in inspect(conn).get_indexes("jobs")}
+            triggers = conn.execute(
+                text("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+            ).scalars()
+            assert set(triggers) == {
+                "trg_jobs_insert_event",
+                "trg_jobs_status_event",
+                "trg_epochs_event",
+            }
     finally:
         engine.dispose()
-    assert [u["column_names"] for u in uniques] == [["idempotency_key"]]
+    assert [u["column_names"] for u in uniques] == [["owner_id", "idempotency_key"]]
     assert {"ix_jobs_created_at", "ix_jobs_net", "ix_jobs_status"} <= indexes
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_idempotency_keys_become_per_owner_and_back(tmp_path, fresh_pg_database, backend):
+    """0006_caller_scoped_keys: two owners may hold one key after it; going back keeps the
+    oldest job's key only, so the old unique key can be restored."""
+    url = f"sqlite:///{tmp_path / 'cnn.db'}" if backend == "sqlite" else fresh_pg_database()
+    upgrade(url)
+    engine = create_engine(url)
+    insert = text(
+        "INSERT INTO api_keys (id, name, prefix, key_hash, scopes, created_at) "
+        "VALUES (:id, :name, 'cnn_x', :name, 'train', CURRENT_TIMESTAMP)"
+    )
+    job = text(
+        "INSERT INTO jobs (id, net, epochs, batch_size, validation_split, optimizer, "
+        "learning_rate, seed, model_name, status, current_epoch, attempts, cancel_requested, "
+        "created_at, idempotency_key, owner_id) VALUES (:id, 'net1', 1, 32, 0.2, 'adam', "
+        "0.001, 0, 'm', 'queued', 0, 0, false, :at, 'shared', :owner)"
+    )
+
+    def job_id(n: int) -> uuid.UUID | str:  # SQLite stores a Uuid as 32 hex digits
+        return uuid.UUID(int=n) if backend == "postgresql" else uuid.UUID(int=n).hex
+
+    try:
+        with engine.begin() as conn:
+            for owner in (1, 2):
+                conn.execute(insert, {"id": owner, "name": f"k{owner}"})
+                conn.execute(
+                    job,
+                    {"id": job_id(owner), "owner": owner, "at": f"2026-01-0{owner}"},
+                )
+        downgrade(url, "0002_job_events")
+        with engine.connect() as conn:
+            kept = conn.execute(text("SELECT owner_id, idempotency_key FROM jobs")).all()
+        assert sorted(kept, key=lambda row: row[0]) == [(1, "shared"), (2, None)]
+        upgrade(url)
+        assert drift(url) == []
+    finally:
+        engine.dispose()
 
 
 def test_models_and_migrations_do_not_drift_on_the_shared_database(db_url):

@@ -40,7 +40,8 @@ IdempotencyKey = Annotated[
         alias="Idempotency-Key",
         min_length=1,
         max_length=255,
-        description="Retrying a POST with the same key returns the first job, not a new one.",
+        description="Retrying a POST with the same key returns the first job, not a new one. "
+        "Each API key has its own namespace of idempotency keys.",
     ),
 ]
 
@@ -54,12 +55,17 @@ IdempotencyKey = Annotated[
         202: {"description": "Accepted; the Location header is the job's URL."},
         403: {"description": "The model name belongs to another key (`forbidden`)."},
         409: {
-            "description": "The Idempotency-Key was used for another job (`idempotency_key_reused`)."
+            "description": "This key used the Idempotency-Key for another job "
+            "(`idempotency_key_reused`); keys are scoped to the caller."
         },
         415: {"description": "The body is not JSON."},
-        422: {"description": "A parameter is out of range or unknown, or the job is too large."},
+        422: {
+            "description": "A parameter is out of range or unknown, the job is too large, or "
+            "the key owns MAX_MODEL_NAMES_PER_KEY names (`too_many_model_names`)."
+        },
         429: {
-            "description": "This key has MAX_ACTIVE_JOBS_PER_KEY jobs queued or running (`quota_exceeded`)."
+            "description": "This key has MAX_ACTIVE_JOBS_PER_KEY jobs queued or running "
+            "(`quota_exceeded`, with Retry-After)."
         },
     },
 )

@@ -3,6 +3,13 @@
 The routes only deal with the transport: media type, body, query and form fields. Input
 rules, model resolution, batching and the answer's shape belong to app.serving (see
 docs/serving.md); it raises domain errors (app.errors), rendered by the app's handlers.
+
+/predict admits a body before reading a byte of it, in this order: the key, its scope and
+its rate (authorise_predict), the media type and a raw body's shape, then the service's
+room for one more prediction and the body's bytes in flight (PredictionService.admit). The body is then read into one buffer of its declared
+size, not kept as a list of the server's chunks until it is whole (those pieces lived as long
+as a slow body took, scattered through the heap, and stayed as fragmentation after a flood).
+It must arrive within BODY_TIMEOUT_S (app/api/limits.py).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from fastapi.responses import Response
 
 from app.api.deps import PredictAccess, get_app_settings
 from app.api.fast_path import RouteFastPath
+from app.api.limits import caller_of
 from app.api.transport import (
     JSON,
     MULTIPART,
@@ -25,6 +33,7 @@ from app.api.transport import (
     media_type,
     unsupported,
 )
+from app.auth import Principal
 from app.errors import InputError, PayloadTooLarge
 from app.schemas import (
     ALIAS_PATTERN,
@@ -34,6 +43,7 @@ from app.schemas import (
     PredictBody,
     PredictResponse,
 )
+from app.serving.admission import Admission
 from app.serving.service import PredictionService
 
 router = APIRouter(tags=["predict"])
@@ -43,14 +53,20 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     200: {"model": PredictResponse},
     400: {"description": "The body is not valid JSON (`bad_json`)."},
     404: {"description": "No such model, version or alias (`model_not_found`)."},
+    408: {"description": "The body did not arrive within BODY_TIMEOUT_S (`request_timeout`)."},
     413: {"description": "More images than PREDICT_MAX_INSTANCES (`too_many_instances`)."},
     415: {"description": "Wrong Content-Type (`unsupported_media_type`)."},
     422: {"description": "Bad shape, range, value, image or base64; the message says why."},
+    429: {
+        "description": "Over this key's rate, or its bodies in flight would pass "
+        "PREDICT_INFLIGHT_BYTES_PER_KEY (`rate_limited`, with Retry-After)."
+    },
     503: {
         "description": "The artifact is missing or fails its sha256 check (`model_unavailable`), "
-        "or too many predictions are in progress (`overloaded`, with Retry-After)."
+        "or too many predictions or body bytes are in progress (`overloaded`, with Retry-After)."
     },
 }
+PredictPrincipal = Annotated[Principal, PredictAccess]
 
 
 def _service(request: Request) -> PredictionService:
@@ -64,7 +80,6 @@ def _json(data: bytes) -> Response:
 
 @router.post(
     PREDICT_PATH,
-    dependencies=[PredictAccess],
     responses=_ERRORS,
     openapi_extra={
         "requestBody": {
@@ -115,19 +130,25 @@ def _json(data: bytes) -> Response:
     },
     summary="Class probabilities for images sent as pixel arrays, raw tensors or base64 PNG/JPEG",
 )
-async def predict(request: Request) -> Response:
+async def predict(request: Request, principal: PredictPrincipal) -> Response:
     """Without version or alias the latest version serves."""
     service = _service(request)
     media = media_type(request.headers)
+    raw: tuple[tuple[int, ...], dict[str, Any]] | None = None
     if media == OCTET_STREAM:
-        return _json(await _predict_raw(request, service))
-    if not is_json(media):
+        raw = _raw_request(request, service)
+    elif not is_json(media):
         raise unsupported(
             "the request body must be JSON sent with Content-Type: application/json, or "
             f"raw uint8 pixels sent as {OCTET_STREAM}",
             media,
         )
-    return _json(await service.predict_json(await request.body()))
+    caller = caller_of(principal, request.client)
+    with service.admit(caller, _declared_length(request)) as admission:
+        body = await read_body(request, admission)
+        if raw is not None:
+            return _json(await service.predict_raw(body, *raw))
+        return _json(await service.predict_json(body))
 
 
 class PredictFastPath(RouteFastPath):
@@ -139,20 +160,55 @@ class PredictFastPath(RouteFastPath):
     path = PREDICT_PATH
 
 
-async def _predict_raw(request: Request, service: PredictionService) -> bytes:
+def _declared_length(request: Request) -> int | None:
+    text = request.headers.get("content-length")
+    return int(text) if text and text.isdigit() else None
+
+
+async def read_body(request: Request, admission: Admission) -> bytes:
+    """The whole body. A body that comes in one piece is used as it is; a longer one is
+    copied into one buffer of its declared size as it arrives (a chunked one, which has no
+    size, grows one buffer and is charged to `admission` piece by piece). The parsers take
+    bytes: the finished buffer is copied once into them and freed at once."""
+    declared = _declared_length(request)
+    buffer: bytearray | None = None
+    filled = 0
+    async for chunk in request.stream():
+        if not chunk:
+            continue
+        if declared is None:
+            admission.take(len(chunk))
+        elif buffer is None and len(chunk) == declared:
+            return chunk
+        if buffer is None:
+            buffer = bytearray(declared or 0)
+        if declared is None:
+            buffer += chunk
+        else:
+            buffer[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    if buffer is None:
+        return b""
+    return bytes(memoryview(buffer)[:filled])
+
+
+def _raw_request(
+    request: Request, service: PredictionService
+) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """An octet-stream request's shape and options, checked before its body is read."""
     query = request.query_params
     unknown = set(query) - {"model", "version", "alias", "top_k", "output", "shape", "resize"}
     if unknown:
         raise InputError(
             "validation_error", f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}"
         )
-    length_text = request.headers.get("content-length")
-    length = int(length_text) if length_text and length_text.isdigit() else None
-    shape = service.raw_shape(query.get("shape") or request.headers.get("x-tensor-shape"), length)
+    shape = service.raw_shape(
+        query.get("shape") or request.headers.get("x-tensor-shape"), _declared_length(request)
+    )
     fields: dict[str, Any] = {
         k: query[k] for k in ("model", "version", "alias", "top_k", "output") if k in query
     }
-    return await service.predict_raw(await request.body(), shape, fields)
+    return shape, fields
 
 
 def require_multipart(request: Request) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, selectinload
 from app import auth
 from app.auth import Principal
 from app.config import Settings
-from app.db import rowcount
+from app.db import rowcount, serialize
 from app.errors import EvaluationNotFound, IdempotencyConflict, JobNotFound, JobTooLarge
 from app.jobs import queue
 from app.ml.options import Option
@@ -40,6 +40,10 @@ def job_identity(options: Sequence[Option]) -> tuple[str, ...]:
 PARAMETER_FIELDS = job_identity(OPTIONS)
 # A job row is re-read at most this often when a worker keeps changing it under a cancel.
 _CANCEL_ATTEMPTS = 5
+# A submission is tried again once when another caller took its new model name meanwhile.
+_CREATE_ATTEMPTS = 2
+# app.db.serialize's lock kind for job submissions (one lock per caller).
+SUBMIT_LOCK = 18
 # CIFAR-10's training images: a job without train_limit trains on all of them.
 CIFAR10_TRAIN_IMAGES = 50_000
 
@@ -53,8 +57,10 @@ def _job_query() -> Select[tuple[Job]]:
     return select(Job).options(selectinload(Job.evaluation), selectinload(Job.model_version))
 
 
-def _by_key(session: Session, key: str) -> Job | None:
-    return session.scalar(_job_query().where(Job.idempotency_key == key))
+def _by_key(session: Session, owner_id: int | None, key: str) -> Job | None:
+    """The owner's job with this Idempotency-Key: keys are scoped to their caller, so another
+    key's use of the same string is invisible."""
+    return session.scalar(_job_query().where(Job.owner_id == owner_id, Job.idempotency_key == key))
 
 
 def check_job_size(data: JobCreate, settings: Settings) -> None:
@@ -79,13 +85,8 @@ def check_job_size(data: JobCreate, settings: Settings) -> None:
         raise JobTooLarge("; ".join(problems))
 
 
-def _check_same_request(job: Job, data: JobCreate, principal: Principal | None) -> None:
+def _check_same_request(job: Job, data: JobCreate) -> None:
     """A reused Idempotency-Key must carry the same request, else it is a client bug."""
-    if principal is not None and not principal.owns(job.owner_id):
-        # Keys are not shared between API keys: another key's job is never replayed.
-        raise IdempotencyConflict(
-            "this Idempotency-Key was already used by another API key; send a new key"
-        )
     wanted = data.parameters()
     differing = [name for name in PARAMETER_FIELDS if getattr(job, name) != wanted[name]]
     if differing:
@@ -128,23 +129,50 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Insert a queued job owned by `principal` and commit; returns (job, created).
 
-    With an idempotency key that is already stored, the stored job comes back instead
-    (created=False). Two concurrent requests with the same new key both reach the INSERT;
-    the unique constraint lets one win and the other re-reads the winner's row.
-    A new job must fit the size bounds (JobTooLarge) and the key's job quota
-    (QuotaExceeded), and its model name must be free or the principal's (Forbidden).
-    With AUTH=off the principal is app.auth.AUTH_OFF: an admin without a key, which owns
-    every name and has no quota.
+    One transaction, serialised per caller across API processes (app.db.serialize): the
+    caller's stored job for this idempotency key comes back as it is (created=False);
+    otherwise the job must fit the size bounds (JobTooLarge) and the key's job quota
+    (QuotaExceeded), and its model name must be free or the principal's (Forbidden) and
+    within the key's names (TooManyModelNames). The name is claimed in the transaction that
+    inserts the job, so a refused job claims nothing. With AUTH=off the principal is
+    app.auth.AUTH_OFF: an admin without a key, which owns every name and has no quota.
     """
+    attempt = 1
+    while True:
+        try:
+            return _create_serialised(session, data, idempotency_key, principal, settings)
+        except IntegrityError:
+            # Another transaction committed first what this one inserts: the same new model
+            # name (another caller's submission), or a job with this idempotency key written
+            # outside a submission. Look again: the name is taken, or the job replays.
+            session.rollback()
+            if attempt >= _CREATE_ATTEMPTS:
+                raise
+            attempt += 1
+        except BaseException:
+            session.rollback()  # a refused job leaves nothing behind, its name claim included
+            raise
+
+
+def _create_serialised(
+    session: Session,
+    data: JobCreate,
+    idempotency_key: str | None,
+    principal: Principal,
+    settings: Settings,
+) -> tuple[Job, bool]:
+    serialize(session, SUBMIT_LOCK, principal.id or 0)
     if idempotency_key is not None:
-        existing = _by_key(session, idempotency_key)
+        existing = _by_key(session, principal.id, idempotency_key)
         if existing is not None:
-            _check_same_request(existing, data, principal)
+            _check_same_request(existing, data)
+            session.commit()  # ends the serialised transaction
             return existing, False
     check_job_size(data, settings)
-    auth.claim_model_name(session, principal, data.model_name or data.net)
-    # Locks the key's row until the job is committed (see check_job_quota).
     check_job_quota(session, principal, settings.MAX_ACTIVE_JOBS_PER_KEY)
+    auth.claim_model_name(
+        session, principal, data.model_name or data.net, settings.MAX_MODEL_NAMES_PER_KEY
+    )
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED,
@@ -157,15 +185,7 @@ def create_job(
         **data.parameters(),
     )
     session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = _by_key(session, idempotency_key) if idempotency_key is not None else None
-        if existing is None:
-            raise
-        _check_same_request(existing, data, principal)
-        return existing, False
+    session.commit()
     return job, True
 
 

@@ -59,6 +59,7 @@ from app.quotas import charge_admitted
 from app.registry.store import open_store
 from app.schemas import ALIAS_PATTERN, MODEL_NAME_PATTERN, PredictOptions
 from app.serving import inputs
+from app.serving.admission import Admission, BodyBudget
 from app.serving.batching import MicroBatcher
 from app.serving.resolver import LATEST, RegistryView, ServedVersion
 
@@ -133,6 +134,10 @@ class PredictionService:
             max_workers=settings.PREDICT_THREADS, thread_name_prefix="predict"
         )
         self._batchers: dict[tuple[str, int, str], MicroBatcher] = {}
+        # Bodies admitted before they are read (app/serving/admission.py, app/api/predict.py).
+        self.bodies = BodyBudget(
+            settings.PREDICT_INFLIGHT_BYTES_PER_KEY, settings.PREDICT_INFLIGHT_BYTES
+        )
         self._pending = 0
         self._slots: asyncio.Semaphore | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -487,16 +492,27 @@ class PredictionService:
         await asyncio.get_running_loop().run_in_executor(self._refresher, fn)
 
     # ------------------------------------------------------------------ admission
-    @asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
-        """At most PREDICT_MAX_PENDING requests admitted (503 past it), of which at most
-        PREDICT_CONCURRENCY are worked on at once; the others wait without costing the
-        event loop anything, so that other routes' steps are not queued behind them."""
+    def admit(self, caller: str, declared: int | None) -> Admission:
+        """A /predict body's admission, before a byte of it is read: refused at once when
+        PREDICT_MAX_PENDING predictions are in progress already (503), or when its bytes do
+        not fit the caller's or the process's budget (BodyBudget). A context manager: the
+        bytes come back at its end."""
+        self._check_pending()
+        return self.bodies.admit(caller, declared)
+
+    def _check_pending(self) -> None:
         if self._pending >= self.settings.PREDICT_MAX_PENDING:
             raise Overloaded(
                 f"more than {self.settings.PREDICT_MAX_PENDING} predictions are in progress; "
                 "retry in a moment"
             )
+
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """At most PREDICT_MAX_PENDING requests admitted (503 past it), of which at most
+        PREDICT_CONCURRENCY are worked on at once; the others wait without costing the
+        event loop anything, so that other routes' steps are not queued behind them."""
+        self._check_pending()
         self._pending += 1
         try:
             if self._slots is None:

@@ -200,7 +200,7 @@ def create_sweep(
     else:
         names = {spec.base.model_name or spec.base.net}
     for name in sorted(names):
-        auth.claim_model_name(session, principal, name)
+        auth.claim_model_name(session, principal, name, settings.MAX_MODEL_NAMES_PER_KEY)
     _check_sweep_quota(session, principal, settings.MAX_ACTIVE_SWEEPS_PER_KEY)
     sweep = Sweep(
         id=uuid.uuid4(),

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from app.auth import AUTH_OFF
+from app.auth import AUTH_OFF, authenticate
 from app.errors import JobTooLarge
 from app.jobs.queue import TRAIN_TASK
 from app.jobs.service import create_job, submit_job
@@ -151,9 +151,12 @@ def test_concurrent_posts_with_one_key_create_one_job(client, session_factory, r
     """The second INSERT waits on the first's uncommitted row, fails, and re-reads it."""
     key = "racing-key"
     holder = session_factory()
+    owner = authenticate(holder, client.admin_key).id  # keys are scoped to their caller
+    holder.commit()
     winner = Job(
         id=uuid.uuid4(), idempotency_key=key, status="queued", current_epoch=0, attempts=0,
-        cancel_requested=False, created_at=datetime.now(UTC), net="net1", **SEED_DEFAULTS,
+        cancel_requested=False, created_at=datetime.now(UTC), net="net1", owner_id=owner,
+        **SEED_DEFAULTS,
     )  # fmt: skip
     holder.add(winner)
     holder.flush()  # the row exists, uncommitted: a concurrent INSERT must wait for it

@@ -192,6 +192,67 @@ def test_other_keys_have_their_own_quota(quota_client, api_key, client):
     assert client.post("/jobs", json=mine, headers=other).status_code == 202
 
 
+def test_quota_exceeded_says_when_to_retry(quota_client, expect_error):
+    small = {"net": "net1", "epochs": 1, "train_limit": 10}
+    for _ in range(2):
+        assert quota_client.post("/jobs", json=small).status_code == 202
+    refused = quota_client.post("/jobs", json=small)
+    expect_error(refused, 429, "quota_exceeded")
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def _owned_names(session_factory) -> dict[str, int | None]:
+    from sqlalchemy import select
+
+    from app.models import ModelOwner
+
+    with session_factory() as session:
+        return {
+            name: owner
+            for name, owner in session.execute(select(ModelOwner.name, ModelOwner.owner_id))
+        }
+
+
+def test_a_refused_job_claims_no_model_name(
+    quota_client, client, api_key, session_factory, expect_error
+):
+    """Issue 18 item 2: a key at its quota sent jobs under new names; all were refused, and
+    all the names were its own. A name is claimed only by the job that is accepted."""
+    small = {"net": "net1", "epochs": 1, "train_limit": 10}
+    for _ in range(2):
+        assert quota_client.post("/jobs", json=small).status_code == 202
+    for name in ("net2", "net3", "someone-elses"):
+        refused = quota_client.post("/jobs", json={**small, "model_name": name})
+        expect_error(refused, 429, "quota_exceeded")
+    assert set(_owned_names(session_factory)) == {"net1"}
+    other = bearer(api_key("train"))
+    for name in ("net2", "net3"):
+        response = client.post("/jobs", json={**small, "model_name": name}, headers=other)
+        assert response.status_code == 202, response.text
+    # Any other refusal claims nothing either: a job over the size bounds.
+    too_big = {**small, "model_name": "too-big", "epochs": 10_000}
+    assert client.post("/jobs", json=too_big, headers=other).status_code == 422
+    assert "too-big" not in _owned_names(session_factory)
+
+
+def test_a_key_owns_a_bounded_number_of_model_names(settings, client_for, expect_error):
+    variant = settings.model_copy(update={"MAX_MODEL_NAMES_PER_KEY": 2})
+    small = {"net": "net1", "epochs": 1, "train_limit": 10}
+    with client_for(variant, scopes="train") as c:
+        for name in ("mine-a", "mine-b"):
+            assert c.post("/jobs", json={**small, "model_name": name}).status_code == 202
+        error = expect_error(
+            c.post("/jobs", json={**small, "model_name": "mine-c"}), 422, "too_many_model_names"
+        )
+        assert "MAX_MODEL_NAMES_PER_KEY=2" in error["message"]
+        # Its own names stay usable.
+        assert c.post("/jobs", json={**small, "model_name": "mine-a"}).status_code == 202
+    # Administrators' names belong to the administrators and are not counted.
+    with client_for(variant) as admin:
+        for name in ("admin-a", "admin-b", "admin-c"):
+            assert admin.post("/jobs", json={**small, "model_name": name}).status_code == 202
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
@@ -266,15 +327,30 @@ def test_undecodable_json_is_422(client, expect_error):
     expect_error(response, 422, "validation_error")
 
 
-def test_an_idempotency_key_is_never_replayed_for_another_key(client, api_key, expect_error):
-    headers = {"Idempotency-Key": "shared-key"}
+def test_an_idempotency_key_is_scoped_to_its_caller(client, api_key, expect_error):
+    """Issue 18 item 5: another key's earlier use of the same string is invisible (no 409,
+    no hint that it was used); each key replays only its own job."""
+    headers = {"Idempotency-Key": "my-first-net1"}  # the README's own example
     body = {"net": "net1", "epochs": 1, "train_limit": 10, "model_name": "idem"}
-    owner = api_key("train")
-    assert client.post("/jobs", json=body, headers={**headers, **bearer(owner)}).status_code == 202
-    other = bearer(api_key("read,train"))
-    expect_error(
-        client.post("/jobs", json=body, headers={**headers, **other}), 409, "idempotency_key_reused"
-    )
+    owner, other = bearer(api_key("train")), bearer(api_key("read,train"))
+    first = client.post("/jobs", json=body, headers={**headers, **owner})
+    assert first.status_code == 202
+    theirs = {**body, "model_name": "idem-other", "epochs": 2}  # other parameters, too
+    second = client.post("/jobs", json=theirs, headers={**headers, **other})
+    assert second.status_code == 202, second.text
+    assert second.json()["id"] != first.json()["id"]
+    assert "idempotent-replayed" not in second.headers
+    # Each key's retry replays its own job.
+    again = client.post("/jobs", json=body, headers={**headers, **owner})
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"]
+    again = client.post("/jobs", json=theirs, headers={**headers, **other})
+    assert again.json()["id"] == second.json()["id"]
+    # An admin has its own namespace too: it replays nobody else's job.
+    mine = client.post("/jobs", json=body, headers=headers)
+    assert mine.status_code == 202 and mine.json()["id"] not in {
+        first.json()["id"],
+        second.json()["id"],
+    }
 
 
 # ----------------------------------------------------------------------------- messages

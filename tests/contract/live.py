@@ -92,19 +92,34 @@ def _seed(settings: Any) -> str:
 
 def start_live_api(state: Path, **overrides: Any) -> tuple[LiveApi, subprocess.Popen[bytes]]:
     from app.config import Settings
-    from app.serve import settings_env
 
     settings = Settings(_env_file=None, STATE_DIR=state, **overrides)
     key = _seed(settings)
+    live, proc = spawn_api(settings, key)
+    warm_up(live)
+    return live, proc
+
+
+def spawn_api(
+    settings: Any, key: str = "", command: list[str] | None = None
+) -> tuple[LiveApi, subprocess.Popen[bytes]]:
+    """One more API process on `settings` (migrated already), on a free port, once its
+    /health answers. `command` replaces `uvicorn app.main:create_app` (it gets --port)."""
+    from app.config import Settings
+    from app.serve import settings_env
+
     fields = {name.upper() for name in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in fields}
     env.update(settings_env(settings), PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
     port = _free_port()
-    log = state / f"api-{uuid.uuid4().hex[:6]}.log"
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    log = settings.STATE_DIR / f"api-{uuid.uuid4().hex[:6]}.log"
+    if command is None:
+        command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
+        command += ["--host", "127.0.0.1", "--log-level", "warning"]
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*command, "--port", str(port)], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
     live = LiveApi(f"http://127.0.0.1:{port}", key, proc.pid, settings, log)
     deadline = time.monotonic() + 60
     while True:
@@ -114,9 +129,10 @@ def start_live_api(state: Path, **overrides: Any) -> tuple[LiveApi, subprocess.P
                 break
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, "the API did not start:\n" + live.tail()
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise AssertionError("the API did not start:\n" + live.tail())
         time.sleep(0.2)
-    warm_up(live)
     return live, proc
 
 

@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from app.errors import STATUS
+
 from .live import LiveApi
 
 RSS_BOUND = 64 * 1024 * 1024
@@ -107,7 +109,10 @@ TABLE = [
     Hostile("wrong rank (32x32 without channels)", "POST", "/predict", (422,), {"json": {"model": "tiny", "instances": [[[0] * 32] * 32]}}),
     Hostile("pixels out of range", "POST", "/predict", (422,), {"json": {"model": "tiny", "instances": [[[[256, -1, 0]] * 32] * 32]}}),
     Hostile("JSON sent as image/png", "POST", "/predict", (415,), {"content": b'{"model": "tiny"}', "headers": {"content-type": "image/png"}}),
-    Hostile("JSON sent as multipart", "POST", "/predict/image", (400, 422), {"content": b'{"model": "tiny"}', "headers": {"content-type": "multipart/form-data; boundary=zz"}}),
+    Hostile("JSON sent as multipart", "POST", "/predict/image", (422,), {"content": b'{"model": "tiny"}', "headers": {"content-type": "multipart/form-data; boundary=zz"}}),
+    Hostile("multipart without a boundary (issue 18: no http_error)", "POST", "/predict/image", (422,), {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}),
+    Hostile("Last-Event-ID 10**50 (issue 18)", "GET", "/jobs/{job}/events", (422,), {"headers": {"last-event-id": "1" + "0" * 50}}, setup=_queued_job),
+    Hostile("Last-Event-ID not a number (issue 18)", "GET", "/jobs/{job}/events", (422,), {"headers": {"last-event-id": "x-1"}}, setup=_queued_job),
     Hostile("text/plain job", "POST", "/jobs", (415,), {"content": b'{"net": "net1"}', "headers": {"content-type": "text/plain"}}),
     Hostile("truncated PNG upload", "POST", "/predict/image", (422,), _multipart("tiny", "cut.png", png(32, 32)[:40])),
     Hostile("truncated JPEG in base64", "POST", "/predict", (422,), {"json": {"model": "tiny", "images": [{"b64": b64(png(32, 32, "JPEG")[:100])}]}}),
@@ -202,6 +207,9 @@ def test_hostile_requests_answer_4xx_and_memory_stays_bounded(live_api: LiveApi)
             )
             if status not in case.statuses or not well_formed:
                 failures.append(f"{case.name}: {status} {str(body)[:300]}")
+            elif body["error"]["code"] not in STATUS or STATUS[body["error"]["code"]] != status:
+                # Every answer carries a documented code with its documented status.
+                failures.append(f"{case.name}: undocumented code {body['error']['code']!r}")
             # Never an echo of the payload, a path or a trace in the message.
             message = str(body)
             if "Traceback" in message or "/work/" in message or "/tmp/" in message:
