@@ -115,7 +115,11 @@ def test_compose_has_a_prometheus_scraping_the_api_under_a_profile():
     config = yaml.safe_load((root / "deploy" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["api:8000"]
+    # Every API replica is a target (found by DNS), not the proxy, which picks one at random.
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["names"] == ["api"]
+    assert discovery["port"] == 8000
+    assert "api" in compose["services"]
     assert job["authorization"]["credentials_file"] in mounted.values()
 
 
