@@ -244,7 +244,15 @@ def run_level(
     procs = [
         ctx.Process(
             target=client,
-            args=(dsn, share, args.seconds, args.connections, args.control_polls, level * 1000, out),
+            args=(
+                dsn,
+                share,
+                args.seconds,
+                args.connections,
+                args.control_polls,
+                level * 1000,
+                out,
+            ),
         )
         for share in shares
     ]

@@ -7,7 +7,6 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.fleet import records
-from app.models import utcnow
 from app.schemas import WorkerList, WorkerPublic
 
 # One page of GET /workers at most (a fleet larger than this pages by name).
@@ -17,8 +16,9 @@ MAX_LIMIT = 1000
 def worker_list(
     session: Session, settings: Settings, *, include_lost: bool, limit: int
 ) -> WorkerList:
-    rows, total = records.list_workers(session, settings, include_lost=include_lost, limit=limit)
-    now = utcnow()
+    rows, total, now = records.list_workers(
+        session, settings, include_lost=include_lost, limit=limit
+    )
     fields = [name for name in WorkerPublic.model_fields if name != "state"]
     return WorkerList(
         workers=[

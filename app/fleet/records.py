@@ -2,6 +2,8 @@
 
 A worker's row is its own: only that process writes it (by its Celery node name), so none of
 these writes race with another worker. The sweep deletes rows lost for WORKER_FORGET_S.
+Every timestamp is the database's clock (db_now), as for the jobs' heartbeats, so hosts whose
+clocks disagree still agree on who is lost.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import rowcount
-from app.models import Worker, as_utc, utcnow
+from app.jobs.execution.common import db_now
+from app.models import Worker, as_utc
 
 WorkerState = Literal["live", "lost", "stopped"]
 
@@ -37,7 +40,7 @@ class WorkerInfo:
 
 def register(session: Session, info: WorkerInfo) -> None:
     """Insert or replace this worker's row (a restarted worker may keep its WORKER_NAME)."""
-    now = utcnow()
+    now = db_now(session)
     session.merge(
         Worker(
             name=info.name,
@@ -62,7 +65,7 @@ def beat(
 ) -> bool:
     """Stamp the heartbeat and the current job; False when the row is gone (register again)."""
     values: dict[str, object] = {
-        "last_heartbeat_at": utcnow(),
+        "last_heartbeat_at": db_now(session),
         "current_job_id": current_job,
         "stopped_at": None,
     }
@@ -75,7 +78,7 @@ def beat(
 
 def mark_stopped(session: Session, name: str) -> None:
     """A clean shutdown: no current job, stopped now (listed only with include_lost)."""
-    now = utcnow()
+    now = db_now(session)
     session.execute(
         update(Worker)
         .where(Worker.name == name)
@@ -84,11 +87,11 @@ def mark_stopped(session: Session, name: str) -> None:
     session.commit()
 
 
-def state(worker: Worker, settings: Settings, now: datetime | None = None) -> WorkerState:
-    """live, stopped (shut down cleanly) or lost (no beat for HEARTBEAT_TIMEOUT_S)."""
+def state(worker: Worker, settings: Settings, now: datetime) -> WorkerState:
+    """live, stopped (shut down cleanly) or lost (no beat for HEARTBEAT_TIMEOUT_S before `now`,
+    the database's clock)."""
     if worker.stopped_at is not None:
         return "stopped"
-    now = now or utcnow()
     seen = as_utc(worker.last_heartbeat_at)
     assert seen is not None
     if now - seen > timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S):
@@ -98,20 +101,22 @@ def state(worker: Worker, settings: Settings, now: datetime | None = None) -> Wo
 
 def list_workers(
     session: Session, settings: Settings, *, include_lost: bool, limit: int
-) -> tuple[list[Worker], int]:
-    """Live workers (or every row still kept), by name; and how many there are in all."""
+) -> tuple[list[Worker], int, datetime]:
+    """Live workers (or every row still kept) by name, how many in all, and the database's
+    time they were judged at (for `state`)."""
+    now = db_now(session)
     query = select(Worker)
     if not include_lost:
-        alive_since = utcnow() - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
+        alive_since = now - timedelta(seconds=settings.HEARTBEAT_TIMEOUT_S)
         query = query.where(Worker.stopped_at.is_(None), Worker.last_heartbeat_at >= alive_since)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = list(session.scalars(query.order_by(Worker.name).limit(limit)))
-    return rows, total
+    return rows, total, now
 
 
 def forget_gone(session: Session, settings: Settings) -> list[str]:
     """Delete the rows of workers silent for WORKER_FORGET_S (lost or stopped long ago)."""
-    before = utcnow() - timedelta(seconds=settings.WORKER_FORGET_S)
+    before = db_now(session) - timedelta(seconds=settings.WORKER_FORGET_S)
     names = list(
         session.scalars(
             delete(Worker).where(Worker.last_heartbeat_at < before).returning(Worker.name)
