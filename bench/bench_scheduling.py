@@ -12,8 +12,10 @@ a committed row, then a Celery message) and the clock runs until the last one en
 A tiny job: NET I, 1 epoch, `--train-limit` training images (500), batch 128; it still
 loads the cached data set, evaluates on the 10,000 test images and registers its model, so
 "overhead" here is everything but the epoch: queueing, claiming, loading, evaluating,
-publishing. Printed per worker count: jobs/hour, and per job the medians of the queue wait
-(created to started), the run (started to finished) and the epoch's own seconds.
+publishing. Printed per worker count: jobs/hour; the dispatch time (submit to claim of the
+warm-up jobs, each of which found an idle worker: the Redis message and the fenced claim);
+and per measured job the medians of the queue wait (created to started), the run (started
+to finished) and the epoch's own seconds.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
             ready = time.monotonic() - started
             warm = fleet.wait_done(fleet.submit(count), args.budget_s)
             assert all(str(r.status) == "succeeded" for r in warm), [r.error for r in warm]
+            # The warm-up jobs each found an idle worker: submit to claim is pure dispatch.
+            dispatch = [(r.started_at - r.created_at).total_seconds() for r in warm]
             begin = time.monotonic()
             ids = fleet.submit(args.jobs)
             rows = fleet.wait_done(ids, args.budget_s)
@@ -200,6 +204,7 @@ def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
                 "jobs": len(rows),
                 "seconds": elapsed,
                 "jobs_per_hour": len(rows) / elapsed * 3600,
+                "dispatch_median_ms": statistics.median(dispatch) * 1000,
                 "wait_median_s": statistics.median(waits),
                 "run_median_s": statistics.median(runs),
                 "epoch_median_s": statistics.median(fleet.epoch_seconds(ids)),
@@ -221,7 +226,7 @@ def main() -> int:
         print(f"the CIFAR-10 archive is not at {ARCHIVE.resolve()}", file=sys.stderr)
         return 2
     print(
-        f"{'workers':>7} {'jobs':>5} {'seconds':>8} {'jobs/hour':>10} {'wait p50':>9} "
+        f"{'workers':>7} {'jobs':>5} {'seconds':>8} {'jobs/hour':>10} {'dispatch':>9} {'wait p50':>9} "
         f"{'run p50':>8} {'epoch p50':>9} {'up in':>6} {'load':>5}",
         flush=True,
     )
@@ -229,6 +234,7 @@ def main() -> int:
         r = measure(count, args)
         print(
             f"{r['workers']:>7} {r['jobs']:>5} {r['seconds']:>7.1f}s {r['jobs_per_hour']:>10.0f} "
+            f"{r['dispatch_median_ms']:>7.0f}ms "
             f"{r['wait_median_s']:>8.1f}s {r['run_median_s']:>7.1f}s {r['epoch_median_s']:>8.1f}s "
             f"{r['workers_up_s']:>5.0f}s {r['load']:>5.1f}",
             flush=True,
