@@ -189,6 +189,9 @@ class ApiClient:
         return self.request("GET", f"/sweeps/{sweep_id}.png").content
 
     # ------------------------------------------------------------------ models
+    def list_workers(self, include_lost: bool = False, limit: int | None = None) -> Any:
+        return self.get("/workers", include_lost=include_lost or None, limit=limit)
+
     def list_models(self) -> Any:
         return self.get("/models")
 

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     HEARTBEAT_INTERVAL_S: float = Field(default=5.0, gt=0)
     HEARTBEAT_TIMEOUT_S: float = Field(default=30.0, gt=0)
     SWEEP_INTERVAL_S: float = Field(default=5.0, gt=0)
+    # Workers report themselves in the `workers` table (GET /workers) on the same clock: a beat
+    # every HEARTBEAT_INTERVAL_S, lost after HEARTBEAT_TIMEOUT_S without one. The sweep deletes
+    # the rows of workers silent (lost or stopped) for this long.
+    WORKER_FORGET_S: float = Field(default=3600.0, ge=60, le=30 * 86_400)
     # A queued job not picked up this long after it was sent is sent again (the broker may
     # have lost it); duplicates are harmless because only one claim in the database wins.
     QUEUED_RESEND_S: float = Field(default=300.0, gt=0)

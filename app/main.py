@@ -28,6 +28,7 @@ from app.api import (
     predict,
     summary,
     sweeps,
+    workers,
 )
 from app.api.deps import ReadAccess
 from app.api.limits import install_limits
@@ -230,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys.router,
         compare.router,
         sweeps.router,
+        workers.router,
     ):
         app.include_router(router)
     # /metrics takes the read scope unless the operator opened it to a private Prometheus.

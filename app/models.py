@@ -352,6 +352,8 @@ class SweepTrial(Base):
 
     sweep: Mapped[Sweep] = relationship(back_populates="trials")
     job: Mapped[Job | None] = relationship()
+
+
 class RateBucket(Base):
     """One /predict caller's counters, shared by every API process (app/quotas.py).
 
@@ -370,3 +372,32 @@ class RateBucket(Base):
     fair: Mapped[float] = mapped_column(Float)
     fair_at: Mapped[float] = mapped_column(Float)
     seen_at: Mapped[float] = mapped_column(Float)
+
+
+class Worker(Base):
+    """One training worker process, as it reported itself (app/fleet/presence.py).
+
+    A worker registers when it starts, beats every WORKER_HEARTBEAT_S, records the job it
+    runs, and sets stopped_at on a clean shutdown. A row whose beat is older than
+    WORKER_LOST_AFTER_S is lost (a killed process or an unreachable host); the sweep deletes
+    rows gone longer than WORKER_FORGET_S, so the table stays as small as the fleet.
+    """
+
+    __tablename__ = "workers"
+    __table_args__ = (Index("ix_workers_last_heartbeat_at", "last_heartbeat_at"),)
+
+    # Celery's node name (worker.run.worker_hostname), which jobs.worker also records.
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    # "cpu" or "gpu", and the label of the device it trains on ("CPU", "GPU:0 <name>").
+    device_kind: Mapped[str] = mapped_column(String(8))
+    device: Mapped[str] = mapped_column(String(255))
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    keras_backend: Mapped[str] = mapped_column(String(32))
+    # No foreign key: a worker's row must never hold up deleting a job, nor fail its beat.
+    current_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,4 +1,4 @@
-"""`cnn jobs ...`, `cnn sweeps ...`, `cnn models ...` and `cnn predict --remote`: the service
+"""`cnn jobs ...`, `cnn sweeps ...`, `cnn models ...`, `cnn workers` and `cnn predict --remote`: the service
 from a terminal.
 
 The URL and key come from `--url` / `--api-key` or CNN_URL / CNN_API_KEY (default URL
@@ -461,6 +461,58 @@ def cmd_models_alias(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ago(value: str | None) -> str:
+    if not value:
+        return "-"
+    when = datetime.fromisoformat(value)
+    return f"{max((datetime.now(when.tzinfo) - when).total_seconds(), 0):.0f}s ago"
+
+
+def workers_table(body: dict[str, Any]) -> str:
+    """NAME HOST DEVICE GPUS BACKEND QUEUES JOB STATE HEARTBEAT, one row per worker."""
+    rows = [
+        [
+            w["name"],
+            w["host"],
+            w["device"],
+            str(w["gpu_count"]),
+            w["keras_backend"],
+            ",".join(w["queues"]) or "-",
+            w["current_job_id"] or "-",
+            w["state"],
+            _ago(w["last_heartbeat_at"]),
+        ]
+        for w in body["workers"]
+    ]
+    if not rows:
+        return "no live workers"
+    header = ["NAME", "HOST", "DEVICE", "GPUS", "BACKEND", "QUEUES", "JOB", "STATE", "HEARTBEAT"]
+    shown = f"\n({len(rows)} of {body['total']})" if body["total"] > len(rows) else ""
+    return _table(rows, header) + shown
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """GET /workers, or with --local the same list from this machine's DATABASE_URL."""
+    if args.local:
+        from app.config import get_settings
+        from app.db import session_factory
+        from app.fleet.listing import MAX_LIMIT, worker_list
+
+        if not 1 <= args.limit <= MAX_LIMIT:
+            raise ValueError(f"--limit must be 1 to {MAX_LIMIT}. Received: {args.limit}")
+        settings = get_settings()
+        with session_factory(settings)() as session:
+            listed = worker_list(
+                session, settings, include_lost=args.include_lost, limit=args.limit
+            )
+        body = listed.model_dump(mode="json")
+    else:
+        with _client(args) as client:
+            body = client.list_workers(include_lost=args.include_lost, limit=args.limit)
+    _print(args, body, workers_table)
+    return EXIT_OK
+
+
 def _latest_model(client: ApiClient) -> str:
     models = client.list_models()["models"]
     if not models:
@@ -539,7 +591,7 @@ def connection_options() -> argparse.ArgumentParser:
 
 
 def add_commands(sub: Any) -> None:
-    """Add `jobs`, `sweeps` and `models` to the `cnn` parser's subcommands."""
+    """Add `jobs`, `sweeps`, `workers` and `models` to the `cnn` parser's subcommands."""
     common = connection_options()
 
     jobs = sub.add_parser("jobs", help="training jobs on a running service")
@@ -611,6 +663,14 @@ def add_commands(sub: Any) -> None:
         if name == "watch":
             p.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("workers", parents=[common], help="the training workers that are up")
+    p.add_argument("--include-lost", action="store_true", help="also lost and stopped ones")
+    p.add_argument("--limit", type=int, default=200, help="at most this many (1 to 1000)")
+    p.add_argument(
+        "--local", action="store_true", help="read DATABASE_URL here instead of asking --url"
+    )
+    p.set_defaults(func=cmd_workers)
 
     models = sub.add_parser("models", help="the model registry of a running service")
     models_sub = models.add_subparsers(dest="models_command", required=True)

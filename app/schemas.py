@@ -664,3 +664,31 @@ class PredictResponse(BaseModel):
     class_ids: list[list[int]] | None = Field(
         default=None, description="output=probabilities with top_k: the class of each column."
     )
+
+
+class WorkerPublic(BaseModel):
+    """One training worker process as it last reported itself (GET /workers)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str = Field(description="Celery's node name; jobs record it as their `worker`.")
+    host: str
+    pid: int
+    device_kind: Literal["cpu", "gpu"]
+    device: str = Field(description="What its jobs train on: 'CPU' or 'GPU:0 <name>'.")
+    gpu_count: int = Field(description="GPUs the process sees (0 on a CPU worker).")
+    queues: list[str] = Field(description="The Celery queues it consumes.")
+    keras_backend: str
+    current_job_id: uuid.UUID | None = Field(description="The job it runs, if any.")
+    state: Literal["live", "lost", "stopped"] = Field(
+        description="live; lost (no heartbeat for HEARTBEAT_TIMEOUT_S); stopped (shut down)."
+    )
+    started_at: UtcDatetime
+    last_heartbeat_at: UtcDatetime
+    stopped_at: UtcDatetime | None
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerPublic]
+    total: int = Field(description="Workers matching the filter, beyond `limit` too.")
+    limit: int

@@ -73,6 +73,7 @@ TABLES = (
     "model_owners",
     "api_keys",
     "rate_buckets",
+    "workers",
 )
 
 

@@ -24,6 +24,7 @@ TABLES = {
     "sweeps",
     "sweep_trials",
     "rate_buckets",
+    "workers",
 }
 
 

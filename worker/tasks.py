@@ -30,6 +30,8 @@ _settings: Settings | None = None
 # the next batch and its job goes back to the queue instead of holding the shutdown up.
 shutdown_requested = threading.Event()
 _sweeper: Any = None
+# This worker's row in the `workers` table (app/fleet/presence.py), from worker_ready on.
+_presence: Any = None
 
 
 def use_settings(settings: Settings) -> None:
@@ -67,9 +69,18 @@ def train_job(self: Task, job_id: str) -> str:
         # untouched rather than claim a job only to requeue it a moment later.
         raise Reject("the worker is shutting down", requeue=True)
 
-    return run_job(
-        current_settings(), job_id, self.request.hostname or "worker", shutdown=shutdown_requested
-    )
+    presence = _presence
+    try:
+        return run_job(
+            current_settings(),
+            job_id,
+            self.request.hostname or "worker",
+            shutdown=shutdown_requested,
+            on_claim=presence.running if presence is not None else None,
+        )
+    finally:
+        if presence is not None:
+            presence.idle()
 
 
 @shared_task(name=SWEEP_TASK)
@@ -102,6 +113,35 @@ def _start_sweeper(**_: Any) -> None:
     _sweeper.start()
 
 
+def _consumed_queues(consumer: Any) -> list[str]:
+    """The queues this worker's Celery consumer reads now (its -Q, or add_consumer since)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is not None:
+        return sorted(queue.name for queue in task_consumer.queues)
+    return sorted(consumer.app.amqp.queues.consume_from or {})
+
+
+@signals.worker_ready.connect
+def _start_presence(sender: Any = None, **_: Any) -> None:
+    """Register in the `workers` table and beat; a failure here must not stop the worker."""
+    global _presence
+    from app.db import session_factory
+    from app.fleet.presence import Presence, describe_this_process
+
+    settings = current_settings()
+    try:
+        info = describe_this_process(sender.hostname, _consumed_queues(sender))
+        _presence = Presence(
+            session_factory(settings),
+            info,
+            settings.HEARTBEAT_INTERVAL_S,
+            queues=lambda: _consumed_queues(sender),
+        )
+        _presence.start()
+    except Exception:
+        log.exception("this worker could not describe itself; it will not appear in /workers")
+
+
 @signals.worker_shutting_down.connect
 def _stop_training(**_: Any) -> None:
     shutdown_requested.set()
@@ -111,3 +151,5 @@ def _stop_training(**_: Any) -> None:
 def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+    if _presence is not None:
+        _presence.stop()

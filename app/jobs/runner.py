@@ -149,6 +149,7 @@ def run_job(
     worker: str,
     *,
     shutdown: threading.Event | None = None,
+    on_claim: Callable[[uuid.UUID], None] | None = None,
 ) -> Outcome | execution.ClaimOutcome:
     """Claim and run one job; returns an Outcome or a ClaimOutcome when it was not claimed.
 
@@ -166,6 +167,8 @@ def run_job(
         log.info("job %s not run by %s: %s", job_id, worker, claim.outcome)
         return claim.outcome
     assert claim.job is not None
+    if on_claim is not None:
+        on_claim(job_id)  # the worker's presence (GET /workers) shows the job from now on
     log.info(
         "job %s claimed by %s (claim %d, attempt %d, %s)",
         job_id,

@@ -43,6 +43,8 @@ def advance_sweeps_once(settings: Settings) -> None:
                 report.asked,
                 ", finished" if report.finished else "",
             )
+
+
 # When this process last looked for orphaned model files (a listing of every model's files,
 # so at most every ORPHAN_SCAN_S, not every sweep).
 _orphan_scan = {"next": 0.0}
@@ -74,8 +76,19 @@ def sweep_once(settings: Settings) -> execution.SweepReport:
     return report
 
 
+def forget_workers_once(settings: Settings) -> None:
+    """Delete the `workers` rows silent for WORKER_FORGET_S, so the table stays bounded."""
+    from app.fleet.records import forget_gone
+
+    with session_factory(settings)() as session:
+        names = forget_gone(session, settings)
+    if names:
+        log.info("forgot %d worker(s) gone for long: %s", len(names), ", ".join(names))
+
+
 class Sweeper(threading.Thread):
-    """Runs sweep_once and advance_sweeps_once at start and then every SWEEP_INTERVAL_S."""
+    """Runs sweep_once, advance_sweeps_once and forget_workers_once at start and then every
+    SWEEP_INTERVAL_S."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(name="sweeper", daemon=True)
@@ -92,6 +105,10 @@ class Sweeper(threading.Thread):
                 advance_sweeps_once(self.settings)
             except Exception:
                 log.exception("advancing the sweeps failed")
+            try:
+                forget_workers_once(self.settings)
+            except Exception:
+                log.exception("forgetting gone workers failed")
             if self._halt.wait(self.settings.SWEEP_INTERVAL_S):
                 return
 

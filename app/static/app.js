@@ -1,6 +1,6 @@
 // The dashboard: plain JavaScript, no framework, no build step, no network beyond the API.
 // Pages are hash routes (#/jobs, #/job/ID, #/compare?jobs=A,B, #/sweeps, #/sweep/ID, #/nets,
-// #/models, #/predict).
+// #/models, #/workers, #/predict).
 "use strict";
 
 const KEY_STORAGE = "cnn.apiKey";
@@ -183,7 +183,7 @@ function route() {
   const [page, arg] = path.split("/");
   const section = page === "job" ? "jobs" : page === "sweep" ? "sweeps" : page;
   document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === section));
-  const pages = { jobs: pageJobs, job: pageJob, compare: pageCompare, sweeps: pageSweeps, sweep: pageSweep, nets: pageNets, models: pageModels, predict: pagePredict };
+  const pages = { jobs: pageJobs, job: pageJob, compare: pageCompare, sweeps: pageSweeps, sweep: pageSweep, nets: pageNets, models: pageModels, workers: pageWorkers, predict: pagePredict };
   const render = pages[page] || pageJobs;
   main().innerHTML = "";
   document.title = `CNN service · ${page}`;
@@ -698,6 +698,45 @@ async function pageNets(arg) {
         h("td", { class: "mono" }, (l.input_shape || []).join("×")), h("td", { class: "mono" }, (l.output_shape || []).join("×")),
         h("td", { class: "num" }, l.params.toLocaleString()),
         h("td", { class: "formula" }, l.formula || "")))))));
+}
+
+// ------------------------------------------------------------------ workers
+function secondsAgo(iso) {
+  return `${Math.max(0, Math.round((Date.now() - new Date(iso)) / 1000))} s ago`;
+}
+
+async function pageWorkers() {
+  const showLost = h("input", { type: "checkbox", id: "workers-include-lost" });
+  const tableBody = h("tbody", { id: "workers-body" });
+  main().append(
+    h("div", { class: "row", style: "margin-bottom:0.8rem" },
+      h("h1", { style: "margin:0" }, "Workers"), h("span", { class: "spacer" }),
+      h("label", {}, showLost, " also lost and stopped")),
+    h("div", { class: "card" },
+      h("p", { class: "muted" }, "Each training worker beats every few seconds; one silent past the heartbeat timeout is lost (GET /workers)."),
+      h("table", { id: "workers-table" },
+        h("thead", {}, h("tr", {}, ["Worker", "Host", "Device", "GPUs", "Backend", "Queues", "Job", "State", "Heartbeat", "Started"].map((t, i) => h("th", { class: i === 3 ? "num" : null }, t)))),
+        tableBody),
+      h("p", { class: "muted", id: "workers-empty", hidden: true }, "No live worker: start one with `cnn worker` (or `cnn serve`).")));
+
+  async function refresh() {
+    const list = await api(`/workers?limit=1000${showLost.checked ? "&include_lost=true" : ""}`);
+    tableBody.innerHTML = "";
+    $("#workers-empty").hidden = list.workers.length > 0;
+    for (const w of list.workers) {
+      tableBody.appendChild(h("tr", { "data-worker": w.name, "data-state": w.state },
+        h("td", { class: "mono" }, w.name), h("td", {}, w.host), h("td", {}, w.device),
+        h("td", { class: "num" }, w.gpu_count), h("td", {}, w.keras_backend),
+        h("td", { class: "mono" }, w.queues.join(", ") || "–"),
+        h("td", { class: "job" }, w.current_job_id ? h("a", { href: `#/job/${w.current_job_id}`, class: "mono" }, shortId(w.current_job_id)) : "idle"),
+        h("td", {}, h("span", { class: `badge ${w.state}`, "data-status": w.state }, w.state)),
+        h("td", {}, secondsAgo(w.last_heartbeat_at)), h("td", {}, when(w.started_at))));
+    }
+  }
+  showLost.addEventListener("change", () => refresh().catch(() => {}));
+  await refresh();
+  const timer = setInterval(() => refresh().catch(() => {}), 3000);
+  onLeave(() => clearInterval(timer));
 }
 
 // ------------------------------------------------------------------ models

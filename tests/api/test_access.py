@@ -173,6 +173,7 @@ ROUTES = [
     Route("GET", "/sweeps/{sweep}.png", ("read", "train"), 200, owned=True),
     Route("POST", "/sweeps/{sweep}/cancel", ("train",), 200, owned=True),
     Route("GET", "/metrics", ("read",), 200),
+    Route("GET", "/workers", ("read",), 200),
     Route("GET", "/keys", ("admin",), 200),
     Route("POST", "/keys", ("admin",), 201, kwargs={"json": {"name": "new-key", "scopes": ["read"]}}),
     Route("DELETE", "/keys/{key_id}", ("admin",), 200),

@@ -173,6 +173,20 @@ def test_client_commands_against_the_running_service(service: Service, cnn: Any,
     body = json.loads(ok(cnn("predict", "--remote", str(test_png), "--json")))
     assert len(body["predictions"][0]["probabilities"]) == 10
 
+    # The module's one worker: live, on the CPU, consuming this run's two queues, idle now.
+    workers = json.loads(ok(cnn("workers", "--json")))
+    (worker,) = workers["workers"]
+    assert worker["state"] == "live" and worker["current_job_id"] is None
+    assert (worker["device_kind"], worker["gpu_count"]) == ("cpu", 0)
+    assert worker["name"] == service.client.job(job_id)["worker"]
+    queues = {service.settings.TRAINING_QUEUE, service.settings.MAINTENANCE_QUEUE}
+    assert set(worker["queues"]) == queues
+    table = ok(cnn("workers"))
+    assert worker["name"] in table and "live" in table and "QUEUES" in table
+    local = json.loads(ok(service.cnn("workers", "--local", "--json")))  # the database itself
+    assert [w["name"] for w in local["workers"]] == [worker["name"]]
+    assert cnn("workers", "--limit", "0").returncode == 2  # 422 from the service
+
     # Errors: one line on stderr with the service's code, exit 2.
     missing = cnn("jobs", "history", str(uuid.uuid4()))
     assert missing.returncode == 2 and "job_not_found" in missing.stderr
@@ -285,6 +299,14 @@ def _walk_through_the_dashboard(page: Any, service: Service, png: Path, shots: P
     page.goto(f"{service.url}/#/nets/net1")
     page.wait_for_selector("#layers tbody tr")
     assert "193,034" in page.inner_text("#net-params")
+
+    # Workers: the module's worker, live, with this run's queues.
+    page.goto(f"{service.url}/#/workers")
+    row = page.locator("#workers-body tr[data-state=live]")
+    row.wait_for()
+    assert row.count() == 1
+    assert service.settings.TRAINING_QUEUE in row.inner_text()
+    assert "CPU" in row.inner_text()
 
     # A predict-only key: no job list (403), so the dashboard opens Predict with typed fields.
     created = service.client.request(
