@@ -17,7 +17,7 @@ import threading
 import uuid
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from sqlalchemy import select
 
 from app.config import Settings, get_settings
@@ -58,6 +58,10 @@ def worker_queues(settings: Settings, gpus: int) -> list[str]:
     ]
 
 
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def create_celery(settings: Settings | None = None) -> Celery:
     """A Celery app bound to the configured broker (filesystem transport when embedded)."""
     settings = settings or get_settings()
@@ -87,8 +91,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_ignore_result=True,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
-        # The GPU queues are declared when first used (task_create_missing_queues).
-        task_queues=(Queue(any_queue(settings)), Queue(settings.MAINTENANCE_QUEUE)),
+        # Each queue on its own direct exchange, as Celery declares the GPU queues when they
+        # are first used (task_create_missing_queues); a bare Queue(name) would be bound to
+        # the default (maintenance) exchange and routing key.
+        task_queues=(_queue(any_queue(settings)), _queue(settings.MAINTENANCE_QUEUE)),
         task_default_queue=settings.MAINTENANCE_QUEUE,
         task_routes={
             TRAIN_TASK: {"queue": any_queue(settings)},
