@@ -297,6 +297,8 @@ class _Runner:
         job, settings = self.job, self.settings
         configure_devices()
         self.device = describe_device()
+        if job.gpus > 1:  # data-parallel over that many devices of this kind (app/ml/distribute.py)
+            self.device = f"{job.gpus} x {self.device}"
         requested = job.precision or settings.PRECISION
         config = TrainConfig.from_attributes(job, precision=requested)
         # Resolve `auto` once and store it, so a resumed attempt uses the same policy.

@@ -316,8 +316,10 @@ def train(
     steps_per_execution defaults per loop and device. `callbacks` are further Keras
     callbacks, driven by every loop as `fit` drives them (after the service's reporter).
     """
+    from app.ml.distribute import check_loop, data_parallel, even_shards
+
     configure_devices()
-    trainer = loops.choose_trainer(loop)
+    trainer = loops.choose_trainer(check_loop(config.gpus, loop))
     options = RunOptions(
         on_epoch=on_epoch,
         should_stop=should_stop,
@@ -326,9 +328,11 @@ def train(
         steps_per_execution=steps_per_execution,
         callbacks=tuple(callbacks),
     )
-    prepared = prepare(config, data)
-    start = build_or_resume(config, prepared, checkpoint_dir)
-    fitted = fit(config, trainer, prepared, start, options)
+    prepared = even_shards(prepare(config, data), config.gpus)
+    # gpus > 1: the model is built (or loaded) and fitted data-parallel (app/ml/distribute.py).
+    with data_parallel(config.gpus):
+        start = build_or_resume(config, prepared, checkpoint_dir)
+        fitted = fit(config, trainer, prepared, start, options)
     return result(prepared, start, fitted)
 
 
