@@ -602,6 +602,7 @@ def failure_message(exc: BaseException, job: Job, settings: Settings, device: st
 
 def _failure_text(exc: BaseException, job: Job, settings: Settings, device: str) -> str:
     from app.ml.data import DataError
+    from app.ml.distribute import DistributionError
     from app.ml.nets import UnknownNetError
     from app.ml.training import TrainingError
 
@@ -616,7 +617,7 @@ def _failure_text(exc: BaseException, job: Job, settings: Settings, device: str)
         )
     if isinstance(exc, UnknownNetError):
         return f"{exc}; create a new job with one of them"
-    if isinstance(exc, TrainingError):
+    if isinstance(exc, (TrainingError, DistributionError)):
         return f"training stopped: {exc}"
     if isinstance(exc, ValueError):
         return f"invalid training parameters: {exc}"

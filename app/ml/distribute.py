@@ -9,20 +9,22 @@ device. The learning rate is the job's, unscaled (docs/scaling.md, "Multi-GPU jo
 
 Every batch must split evenly, the last partial one too, so a multi-GPU job leaves out the
 last (n mod N) training images and the last (m mod N) validation images: at most N - 1 of
-each (`even_shards`). A job asking for more devices than the worker sees fails with a
+each (`even_shards` in app/ml/training.py). A job asking for more devices than the worker sees fails with a
 message that says so; a job with gpus 0 or 1 trains exactly as before, outside any
 distribution.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from app.ml import backend
-from app.ml.training import Prepared, TrainingError
+
+
+class DistributionError(RuntimeError):
+    """The job's devices cannot be had here; the job fails with this message (no retry)."""
 
 
 def check_loop(gpus: int, loop: str) -> str:
@@ -38,7 +40,7 @@ def check_loop(gpus: int, loop: str) -> str:
 def devices_for(gpus: int) -> list[str]:
     """The first `gpus` devices Keras lists (GPUs where there are any, else CPU devices)."""
     if not backend.is_jax():
-        raise TrainingError(
+        raise DistributionError(
             f"a job with gpus={gpus} needs a worker on the JAX backend (KERAS_BACKEND=jax): "
             f"Keras' DataParallel runs on JAX. This worker runs {backend.name()}"
         )
@@ -46,7 +48,7 @@ def devices_for(gpus: int) -> list[str]:
 
     found = list(keras.distribution.list_devices())
     if len(found) < gpus:
-        raise TrainingError(
+        raise DistributionError(
             f"the job asks for {gpus} devices but this worker sees {len(found)} "
             f"({', '.join(found) or 'none'}); set WORKER_GPUS to the GPUs the worker really "
             f"has, or submit the job with gpus <= {len(found)}"
@@ -66,16 +68,3 @@ def data_parallel(gpus: int) -> Iterator[Any]:
     distribution = keras.distribution.DataParallel(devices=devices_for(gpus))
     with distribution.scope():
         yield distribution
-
-
-def even_shards(prepared: Prepared, gpus: int) -> Prepared:
-    """The images cut to a multiple of `gpus`: with batch_size a multiple too, every batch
-    (the last, partial one included) splits into equal shards, as DataParallel requires."""
-    if gpus <= 1:
-        return prepared
-    n = len(prepared.x_train) - len(prepared.x_train) % gpus
-    cut: dict[str, Any] = {"x_train": prepared.x_train[:n], "y_train": prepared.y_train[:n]}
-    if prepared.x_val is not None and prepared.y_val is not None:
-        m = len(prepared.x_val) - len(prepared.x_val) % gpus
-        cut |= {"x_val": prepared.x_val[:m], "y_val": prepared.y_val[:m]}
-    return dataclasses.replace(prepared, **cut)

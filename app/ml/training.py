@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from app.ml import backend, loops
 from app.ml.data import Cifar10, subset
+from app.ml.distribute import check_loop, data_parallel
 from app.ml.nets import get_net
 from app.ml.params import TrainConfig
 
@@ -316,8 +317,6 @@ def train(
     steps_per_execution defaults per loop and device. `callbacks` are further Keras
     callbacks, driven by every loop as `fit` drives them (after the service's reporter).
     """
-    from app.ml.distribute import check_loop, data_parallel, even_shards
-
     configure_devices()
     trainer = loops.choose_trainer(check_loop(config.gpus, loop))
     options = RunOptions(
@@ -351,6 +350,20 @@ def prepare(config: TrainConfig, data: Cifar10) -> Prepared:
     )
     keras.utils.set_random_seed(config.seed)
     return Prepared(x_train, y_train, x_val, y_val, precision)
+
+
+def even_shards(prepared: Prepared, gpus: int) -> Prepared:
+    """The images cut to a multiple of `gpus` (at most gpus - 1 of each split left out): with
+    batch_size a multiple too, every batch, the last partial one included, splits into equal
+    shards, as DataParallel requires (app/ml/distribute.py). Unchanged for 0 or 1 GPU."""
+    if gpus <= 1:
+        return prepared
+    n = len(prepared.x_train) - len(prepared.x_train) % gpus
+    cut: dict[str, Any] = {"x_train": prepared.x_train[:n], "y_train": prepared.y_train[:n]}
+    if prepared.x_val is not None and prepared.y_val is not None:
+        m = len(prepared.x_val) - len(prepared.x_val) % gpus
+        cut |= {"x_val": prepared.x_val[:m], "y_val": prepared.y_val[:m]}
+    return replace(prepared, **cut)
 
 
 def build_or_resume(config: TrainConfig, prepared: Prepared, checkpoint_dir: Path | None) -> Start:

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.ml.distribute import check_loop, even_shards
-from app.ml.training import Prepared
+from app.ml.distribute import check_loop
+from app.ml.training import Prepared, even_shards
 
 pytestmark = pytest.mark.slow  # three compiled JAX runs: about a minute and a half here
 
@@ -44,7 +44,8 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from app.ml.data import Cifar10
     from app.ml.params import TrainConfig
-    from app.ml.training import TrainingError, train
+    from app.ml.distribute import DistributionError
+    from app.ml.training import train
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, size=200)
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent(
             out["resumed"] = run(2, epochs=2, checkpoint_dir=__import__("pathlib").Path(folder))
         try:
             run(4)
-        except TrainingError as exc:
+        except DistributionError as exc:
             out["four"] = str(exc)
     print("RESULT " + json.dumps(out))
     """
