@@ -286,19 +286,13 @@ class _Runner:
 
     def _train_and_finish(self) -> Outcome:
         from app.ml.data import load_cifar10, provenance
+        from app.ml.distribute import describe_devices
         from app.ml.evaluation import evaluate
-        from app.ml.training import (
-            TrainConfig,
-            configure_devices,
-            describe_device,
-            resolve_precision,
-        )
+        from app.ml.training import TrainConfig, configure_devices, resolve_precision
 
         job, settings = self.job, self.settings
         configure_devices()
-        self.device = describe_device()
-        if job.gpus > 1:  # data-parallel over that many devices of this kind (app/ml/distribute.py)
-            self.device = f"{job.gpus} x {self.device}"
+        self.device = describe_devices(job.gpus)
         requested = job.precision or settings.PRECISION
         config = TrainConfig.from_attributes(job, precision=requested)
         # Resolve `auto` once and store it, so a resumed attempt uses the same policy.

@@ -27,6 +27,12 @@ class DistributionError(RuntimeError):
     """The job's devices cannot be had here; the job fails with this message (no retry)."""
 
 
+def describe_devices(gpus: int) -> str:
+    """What the job records as its device: 'GPU:0 <name>', or '2 x GPU:0 <name>' for N > 1."""
+    label = backend.describe_device()
+    return f"{gpus} x {label}" if gpus > 1 else label
+
+
 def check_loop(gpus: int, loop: str) -> str:
     """The loop a job trains with: Keras' own `fit` for N > 1 (it shards the batches under a
     distribution; the single-device compiled loops do not)."""

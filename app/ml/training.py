@@ -28,7 +28,7 @@ import numpy as np
 
 from app.ml import backend, loops
 from app.ml.data import Cifar10, subset
-from app.ml.distribute import check_loop, data_parallel
+from app.ml.distribute import check_loop, data_parallel, describe_devices
 from app.ml.nets import get_net
 from app.ml.params import TrainConfig
 
@@ -332,7 +332,7 @@ def train(
     with data_parallel(config.gpus):
         start = build_or_resume(config, prepared, checkpoint_dir)
         fitted = fit(config, trainer, prepared, start, options)
-    return result(prepared, start, fitted)
+    return result(prepared, start, fitted, config.gpus)
 
 
 def prepare(config: TrainConfig, data: Cifar10) -> Prepared:
@@ -452,13 +452,13 @@ def _fitted(
     return Fitted(records, cancelled, stopper.best_epoch, stopper.stopped_epoch)
 
 
-def result(prepared: Prepared, start: Start, fitted: Fitted) -> TrainResult:
+def result(prepared: Prepared, start: Start, fitted: Fitted, gpus: int = 0) -> TrainResult:
     """The TrainResult; a finished run's model is exported (the plain net), a cancelled one's not."""
     return TrainResult(
         model=start.model if fitted.cancelled else export_model(start.model),
         epochs=fitted.records,
         cancelled=fitted.cancelled,
-        device=describe_device(),
+        device=describe_devices(gpus),
         precision=prepared.precision,
         resumed_from_epoch=start.initial_epoch,
         best_epoch=fitted.best_epoch,

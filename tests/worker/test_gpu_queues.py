@@ -3,8 +3,10 @@
 PostgreSQL, Redis, an API server through HTTP and real Celery worker processes. A job that
 asks for 2 GPUs is never taken by a worker without GPUs (it waits, queued, on train.gpu2,
 and the worker's sweep re-sends it there, not to train.any), while a gpus-0 job runs as it
-always has. With a Redis visibility timeout far shorter than the job, Redis hands the
-message out again mid-fit; the claim in the database still lets the job run exactly once.
+always has. A worker owning two devices (the CPU split in two by XLA, on JAX) runs a
+2-GPU job data-parallel to the end. With a Redis visibility timeout far shorter than the
+job, Redis hands the message out again mid-fit; the claim in the database still lets the
+job run exactly once.
 
 These use their own Redis database (14): a visibility timeout of 2 s makes a worker restore
 every unacknowledged message of its database older than 2 s, which must not reach the
@@ -141,3 +143,20 @@ def test_a_job_longer_than_the_visibility_timeout_runs_exactly_once(
     assert sorted(epochs) == [1, 2, 3, 4, 5, 6]
     counts = {(kind, status): n for kind, status, n in events}
     assert counts[("epoch", None)] == 6 and counts[("status", "running")] == 1, counts
+
+
+def test_a_two_gpu_job_trains_data_parallel_on_a_worker_with_two_devices(
+    stack: tuple[Settings, Api], processes: Processes, monkeypatch: pytest.MonkeyPatch
+):
+    """The whole path on a worker owning two devices: the CPU split in two by XLA, on JAX."""
+    settings, api = stack
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    processes.worker(settings.model_copy(update={"WORKER_GPUS": 2}))
+    job = api.submit(**SMALL_JOB | {"epochs": 2, "gpus": 2, "batch_size": 64})
+    done = api.wait_status(job["id"], "succeeded", timeout=400)
+    assert done["device"] == "2 x CPU" and done["attempts"] == 1
+    assert done["waiting_for"] is None and done["model_version"] is not None
+    assert api.epochs(job["id"]) == [1, 2]
+    assert done["evaluation"]["test_loss"] > 0
