@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.ml.params import Precision
+from app.ml.params import MAX_GPUS, Precision
 
 
 class Settings(BaseSettings):
@@ -27,8 +27,18 @@ class Settings(BaseSettings):
     DATABASE_URL: str = ""
     # Empty means the embedded, server-less broker under STATE_DIR.
     CELERY_BROKER_URL: str = ""
-    TRAINING_QUEUE: str = "training"
-    MAINTENANCE_QUEUE: str = "maintenance"
+    # The prefix of the training queues (app/jobs/queue.py): a job asking for N GPUs goes to
+    # `<prefix>.gpu<N>`, one asking for any device (gpus 0) to `<prefix>.any`.
+    TRAINING_QUEUE: str = Field(default="train", min_length=1, max_length=200)
+    MAINTENANCE_QUEUE: str = Field(default="maintenance", min_length=1, max_length=200)
+    # The GPUs this worker owns: it serves train.gpu1 .. train.gpu<N> and train.any. Unset
+    # means the GPUs it can see (CUDA_VISIBLE_DEVICES when set, else `nvidia-smi -L`; 0 on a
+    # CPU host), the count app/serve.py's `visible_gpus` finds (worker/run.py).
+    WORKER_GPUS: int | None = Field(default=None, ge=0, le=MAX_GPUS)
+    # Redis redelivers a message not acknowledged this long after a worker took it. Workers
+    # acknowledge after the fit (acks_late), so it must outlast the longest job; a redelivery
+    # before that is refused by the job's claim in the database (docs/jobs.md, "Celery's traps").
+    CELERY_VISIBILITY_TIMEOUT_S: int = Field(default=6 * 3600, ge=1, le=30 * 86_400)
 
     # Artifacts (.keras models, checkpoints). Empty means STATE_DIR/artifacts.
     ARTIFACT_DIR: Path | None = None

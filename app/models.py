@@ -75,6 +75,8 @@ class Job(Base):
     train_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     precision: Mapped[str | None] = mapped_column(String(16), nullable=True)
     model_name: Mapped[str] = mapped_column(String(128))
+    # Devices the job asks for (0 = any one device): its queue, and DataParallel when > 1 (0012).
+    gpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The levers (issue 11, migration 0005_training_levers); defaults = the course's setup.
     augment_crop: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     augment_flip: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -131,6 +133,15 @@ class Job(Base):
     @property
     def progress(self) -> dict[str, int]:
         return {"epoch": self.current_epoch, "epochs": self.epochs}
+
+    @property
+    def waiting_for(self) -> str | None:
+        """While queued: the worker the job needs (its queue is served only by such workers)."""
+        if self.status != JobStatus.QUEUED:
+            return None
+        if not self.gpus:
+            return "any worker"
+        return f"a worker with at least {self.gpus} GPUs (WORKER_GPUS >= {self.gpus})"
 
     @property
     def parameters(self) -> Job:

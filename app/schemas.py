@@ -243,6 +243,10 @@ class JobPublic(BaseModel):
     finished_at: UtcDatetime | None
     worker: str | None
     device: str | None
+    waiting_for: str | None = Field(
+        description="While queued, the worker the job waits for: any worker, or one with at "
+        "least `gpus` GPUs (a job that no live worker can run stays queued); null otherwise."
+    )
     attempts: int
     error: str | None
     cancel_requested: bool

@@ -25,7 +25,8 @@ Fixtures (all lazy: a test that uses none of them never touches PostgreSQL or Re
   ModelVersion.
 - ``expect_error`` (function): ``expect_error(response, status, code) -> dict`` asserts the
   status and the common error body ``{"error": {"code", "message"}}`` and returns the inner dict.
-- ``training_queue`` (function): the run's Redis training queue, emptied before the test;
+- ``training_queue`` (function): the run's Redis queue of any-device jobs (gpus 0), emptied
+  before the test;
   ``training_queue.messages()`` -> list of (task name, args) waiting there.
 - ``cifar10_archive`` (session): the real CIFAR-10 archive, ``../shared/data/cifar10-jpeg.tar.gz``
   relative to the repository (a clean clone has shared/ beside it). Missing, the tests that
@@ -356,7 +357,9 @@ class TrainingQueue:
 
 @pytest.fixture
 def training_queue(settings: Any) -> Iterator[TrainingQueue]:
-    queue = TrainingQueue(settings.TRAINING_QUEUE)
+    from app.jobs.queue import any_queue
+
+    queue = TrainingQueue(any_queue(settings))
     queue.clear()
     yield queue
     queue.clear()

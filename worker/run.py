@@ -2,7 +2,7 @@
 
 The options are the ones docs/jobs.md argues for: the solo pool (the task runs in this
 process, so TensorFlow never sees a fork), concurrency 1 and prefetch 1 (a long fit must
-not hold a second job hostage), both queues (training fits, maintenance sweeps), and no
+not hold a second job hostage), the training queues its GPUs can serve plus maintenance, and no
 gossip/mingle (job state lives in the database, and they only slow the start).
 """
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from app.config import Settings, get_settings
-from app.jobs.queue import create_celery
+from app.jobs.queue import create_celery, worker_queues
 
 
 def worker_hostname(settings: Settings) -> str:
@@ -27,13 +27,22 @@ def worker_hostname(settings: Settings) -> str:
     return f"cnn-{os.getpid()}@{host}"
 
 
+def worker_gpus(settings: Settings) -> int:
+    """WORKER_GPUS, or the GPUs this process can see (0 on a CPU host)."""
+    if settings.WORKER_GPUS is not None:
+        return settings.WORKER_GPUS
+    from app.serve import visible_gpus
+
+    return len(visible_gpus())
+
+
 def worker_options(settings: Settings) -> dict[str, object]:
     return {
         "hostname": worker_hostname(settings),
         "pool_cls": "solo",
         "concurrency": 1,
         "prefetch_multiplier": 1,
-        "queues": [settings.TRAINING_QUEUE, settings.MAINTENANCE_QUEUE],
+        "queues": worker_queues(settings, worker_gpus(settings)),
         "loglevel": "INFO",
         "without_gossip": True,
         "without_mingle": True,

@@ -289,17 +289,13 @@ class _Runner:
 
     def _train_and_finish(self) -> Outcome:
         from app.ml.data import load_cifar10, provenance
+        from app.ml.distribute import describe_devices
         from app.ml.evaluation import evaluate
-        from app.ml.training import (
-            TrainConfig,
-            configure_devices,
-            describe_device,
-            resolve_precision,
-        )
+        from app.ml.training import TrainConfig, configure_devices, resolve_precision
 
         job, settings = self.job, self.settings
         configure_devices()
-        self.device = describe_device()
+        self.device = describe_devices(job.gpus)
         requested = job.precision or settings.PRECISION
         config = TrainConfig.from_attributes(job, precision=requested)
         # Resolve `auto` once and store it, so a resumed attempt uses the same policy.
@@ -603,6 +599,7 @@ def failure_message(exc: BaseException, job: Job, settings: Settings, device: st
 
 def _failure_text(exc: BaseException, job: Job, settings: Settings, device: str) -> str:
     from app.ml.data import DataError
+    from app.ml.distribute import DistributionError
     from app.ml.nets import UnknownNetError
     from app.ml.training import TrainingError
 
@@ -617,7 +614,7 @@ def _failure_text(exc: BaseException, job: Job, settings: Settings, device: str)
         )
     if isinstance(exc, UnknownNetError):
         return f"{exc}; create a new job with one of them"
-    if isinstance(exc, TrainingError):
+    if isinstance(exc, (TrainingError, DistributionError)):
         return f"training stopped: {exc}"
     if isinstance(exc, ValueError):
         return f"invalid training parameters: {exc}"

@@ -114,7 +114,7 @@ def submit_job(
     job, created = create_job(
         session, data, idempotency_key, principal=principal, settings=settings
     )
-    if created and queue.enqueue_training(settings, job.id):
+    if created and queue.enqueue_training(settings, job.id, job.gpus):
         mark_enqueued(session, job.id)
     return get_job(session, job.id), created
 

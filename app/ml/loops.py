@@ -112,7 +112,9 @@ class KerasFitTrainer(Trainer):
     def fit(self, plan: FitPlan) -> None:
         model = plan.model
         model.steps_per_execution = plan.steps_per_execution
-        model.make_train_function(force=True)
+        # Rebuilt by `fit` for these steps, after it has built the metrics: under a
+        # distribution the compiled step needs every variable's layout, metrics included.
+        model.train_function = None
         model.fit(
             **self.training_data(plan),
             epochs=plan.epochs,

@@ -30,6 +30,7 @@ INT32_MAX = 2**31 - 1  # the jobs columns are 32-bit INTEGER on PostgreSQL
 MAX_EPOCHS = 1000  # the service's JOB_MAX_EPOCHS setting may lower it further
 MAX_AUGMENT_CROP = 16  # pixels of padding before the random 32x32 crop
 MAX_CUTOUT = 32  # side of the erased square, pixels
+MAX_GPUS = 16  # devices one job may ask for, and one worker may own (WORKER_GPUS)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,14 @@ class TrainConfig:
         choices=PRECISIONS,
         compared=False,  # the comparison shows it in a column of its own
         null_means="the PRECISION setting of the process that trains",
+    )
+    gpus: int = option(
+        0,
+        "GPUs the job runs on: 0 = any one device (a GPU or the CPU); N > 1 splits every "
+        "batch across N GPUs of one worker (data parallel, batch_size is the global batch).",
+        ge=0,
+        le=MAX_GPUS,
+        unit="GPUs",
     )
     # The levers (issue 11, docs/course.md); every default leaves the course's nets as defined.
     augment_crop: int = lever(
@@ -143,6 +152,11 @@ class TrainConfig:
                 self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
                 f"warmup_epochs must be from 0 to epochs - 1 ({self.epochs - 1}). "
                 f"Received: warmup_epochs={self.warmup_epochs}",
+            ),
+            (
+                self.gpus <= 1 or self.batch_size % self.gpus == 0,
+                "batch_size must be a multiple of gpus (each device takes an equal share of "
+                f"the batch). Received: batch_size={self.batch_size}, gpus={self.gpus}",
             ),
             (
                 self.early_stopping_patience is None or self.validation_split > 0,

@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from app.ml import backend, loops
 from app.ml.data import Cifar10, subset
+from app.ml.distribute import check_loop, data_parallel, describe_devices
 from app.ml.nets import get_net
 from app.ml.params import TrainConfig
 
@@ -317,7 +318,7 @@ def train(
     callbacks, driven by every loop as `fit` drives them (after the service's reporter).
     """
     configure_devices()
-    trainer = loops.choose_trainer(loop)
+    trainer = loops.choose_trainer(check_loop(config.gpus, loop))
     options = RunOptions(
         on_epoch=on_epoch,
         should_stop=should_stop,
@@ -326,10 +327,12 @@ def train(
         steps_per_execution=steps_per_execution,
         callbacks=tuple(callbacks),
     )
-    prepared = prepare(config, data)
-    start = build_or_resume(config, prepared, checkpoint_dir)
-    fitted = fit(config, trainer, prepared, start, options)
-    return result(prepared, start, fitted)
+    prepared = even_shards(prepare(config, data), config.gpus)
+    # gpus > 1: the model is built (or loaded) and fitted data-parallel (app/ml/distribute.py).
+    with data_parallel(config.gpus):
+        start = build_or_resume(config, prepared, checkpoint_dir)
+        fitted = fit(config, trainer, prepared, start, options)
+    return result(prepared, start, fitted, config.gpus)
 
 
 def prepare(config: TrainConfig, data: Cifar10) -> Prepared:
@@ -347,6 +350,20 @@ def prepare(config: TrainConfig, data: Cifar10) -> Prepared:
     )
     keras.utils.set_random_seed(config.seed)
     return Prepared(x_train, y_train, x_val, y_val, precision)
+
+
+def even_shards(prepared: Prepared, gpus: int) -> Prepared:
+    """The images cut to a multiple of `gpus` (at most gpus - 1 of each split left out): with
+    batch_size a multiple too, every batch, the last partial one included, splits into equal
+    shards, as DataParallel requires (app/ml/distribute.py). Unchanged for 0 or 1 GPU."""
+    if gpus <= 1:
+        return prepared
+    n = len(prepared.x_train) - len(prepared.x_train) % gpus
+    cut: dict[str, Any] = {"x_train": prepared.x_train[:n], "y_train": prepared.y_train[:n]}
+    if prepared.x_val is not None and prepared.y_val is not None:
+        m = len(prepared.x_val) - len(prepared.x_val) % gpus
+        cut |= {"x_val": prepared.x_val[:m], "y_val": prepared.y_val[:m]}
+    return replace(prepared, **cut)
 
 
 def build_or_resume(config: TrainConfig, prepared: Prepared, checkpoint_dir: Path | None) -> Start:
@@ -435,13 +452,13 @@ def _fitted(
     return Fitted(records, cancelled, stopper.best_epoch, stopper.stopped_epoch)
 
 
-def result(prepared: Prepared, start: Start, fitted: Fitted) -> TrainResult:
+def result(prepared: Prepared, start: Start, fitted: Fitted, gpus: int = 0) -> TrainResult:
     """The TrainResult; a finished run's model is exported (the plain net), a cancelled one's not."""
     return TrainResult(
         model=start.model if fitted.cancelled else export_model(start.model),
         epochs=fitted.records,
         cancelled=fitted.cancelled,
-        device=describe_device(),
+        device=describe_devices(gpus),
         precision=prepared.precision,
         resumed_from_epoch=start.initial_epoch,
         best_epoch=fitted.best_epoch,

@@ -25,7 +25,9 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db import session_factory
 from app.files import file_digest
+from app.jobs.queue import worker_queues
 from app.migrate import upgrade
+from app.ml.params import MAX_GPUS
 from app.models import EpochMetric, Job
 from app.registry.store import LocalArtifactStore
 
@@ -75,7 +77,7 @@ class Stack:
 
 def _forget_redis_messages(settings: Settings) -> None:
     """Drop our queues and the unacked copies SIGKILLed workers left in Redis."""
-    queues = {settings.TRAINING_QUEUE, settings.MAINTENANCE_QUEUE}
+    queues = set(worker_queues(settings, MAX_GPUS))
     with redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB) as conn:
         conn.delete(*queues)
         for tag, raw in conn.hgetall("unacked").items():
