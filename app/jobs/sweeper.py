@@ -43,6 +43,8 @@ def advance_sweeps_once(settings: Settings) -> None:
                 report.asked,
                 ", finished" if report.finished else "",
             )
+
+
 # When this process last looked for orphaned model files (a listing of every model's files,
 # so at most every ORPHAN_SCAN_S, not every sweep).
 _orphan_scan = {"next": 0.0}

@@ -185,7 +185,9 @@ def test_an_upload_and_cnn_predict_decode_alike():
     Predictor's own scaling of uint8) end in the same float32 batch."""
     for data, resize in ((encode(X[0]), False), (encode(X[1], "JPEG", size=(50, 40)), True)):
         upload = decode_upload(data, resize, 10**6)
-        np.testing.assert_array_equal(upload, normalise(decode_image(data, resize, PixelBudget(10**6))[np.newaxis]))
+        np.testing.assert_array_equal(
+            upload, normalise(decode_image(data, resize, PixelBudget(10**6))[np.newaxis])
+        )
 
 
 def test_a_decompression_bomb_is_refused_before_decoding():
