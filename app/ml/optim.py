@@ -240,17 +240,20 @@ class RecipeSGD(keras.optimizers.SGD):
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
         learning_rate = ops.cast(learning_rate, dtype)
-        scale = self.bias_lr_scale if variable.path in self.bias_paths else 1.0
+        # TensorFlow hands update_step its own variable, without Keras' `path`: look the
+        # Keras variable up by the optimizer's index.
+        path = self._trainable_variables[self._get_variable_index(variable)].path
+        scale = self.bias_lr_scale if path in self.bias_paths else 1.0
         if self.weight_decay_coupled:
             gradient = gradient + (self.weight_decay_coupled / scale) * variable
-        frozen = self.freeze_after_step > 0 and variable.path in self.frozen_paths
-        before = ops.convert_to_tensor(variable) if frozen or self.lookahead_steps else None
+        frozen = self.freeze_after_step > 0 and path in self.frozen_paths
+        before = _read(variable) if frozen or self.lookahead_steps else None
         super().update_step(gradient, variable, learning_rate * scale)
-        if frozen:
-            keep = self.iterations >= self.freeze_after_step
-            self.assign(variable, ops.where(keep, before, variable))
         if self.lookahead_steps:
             self._lookahead(variable, before)
+        if frozen:  # last, so that lookahead does not move it either
+            keep = self.iterations >= self.freeze_after_step
+            self.assign(variable, ops.where(keep, before, _read(variable)))
 
     def _lookahead(self, variable: Any, before: Any) -> None:
         slow = self.slow[self._get_variable_index(variable)]
@@ -264,11 +267,12 @@ class RecipeSGD(keras.optimizers.SGD):
         progress = ops.minimum(done / float(self.total_steps), 1.0)
         decay = (LOOKAHEAD_DECAY**self.lookahead_steps) * progress**3
         decay = ops.cast(ops.where(sync, decay, 1.0), variable.dtype)
-        base = ops.where(start, before, slow)
-        moved = decay * base + (1.0 - decay) * variable
+        base = ops.where(start, before, _read(slow))
+        now = _read(variable)
+        moved = decay * base + (1.0 - decay) * now
         reset = ops.logical_or(sync, last)
         self.assign(slow, ops.where(reset, moved, base))
-        self.assign(variable, ops.where(reset, moved, variable))
+        self.assign(variable, ops.where(reset, moved, now))
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -281,6 +285,11 @@ class RecipeSGD(keras.optimizers.SGD):
             "lookahead_steps": self.lookahead_steps,
             "total_steps": self.total_steps,
         }
+
+
+def _read(variable: Any) -> Any:
+    """The variable's current value as a tensor (a copy: later assigns do not change it)."""
+    return ops.copy(ops.convert_to_tensor(variable))
 
 
 def make_optimizer(

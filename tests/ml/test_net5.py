@@ -1,0 +1,86 @@
+"""NET V trained end to end by app.ml.training on tiny data, with its whole recipe."""
+
+import keras
+import numpy as np
+import pytest
+
+from app.ml import backend
+from app.ml.blocks import find_whitening, image_patches, whitening_weights
+from app.ml.data import normalise
+from app.ml.evaluation import evaluate
+from app.ml.training import TrainConfig, train
+from tests.ml.test_blocks import correlated_images
+
+FAST_LOOPS = ["device"] if backend.is_jax() else ["data"]
+
+RECIPE = dict(
+    net="net5",
+    epochs=2,
+    batch_size=16,
+    validation_split=0.0,
+    optimizer="sgd",
+    learning_rate=0.2,
+    momentum=0.85,
+    nesterov=True,
+    weight_decay=0.005,
+    bias_lr_scale=64.0,
+    lr_schedule="triangular",
+    lookahead_steps=5,
+    label_smoothing=0.2,
+    whiten=True,
+    whiten_bias_epochs=1,
+    augment_flip=True,
+    augment_flip_mode="alternating",
+    augment_translate=2,
+    tta="flip_translate",
+    precision="float32",
+    seed=3,
+)
+
+
+class BiasTrail(keras.callbacks.Callback):
+    """The whitening bias at the end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.biases = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        (layer,) = find_whitening(self.model)
+        self.biases.append(np.array(layer.bias))
+
+
+@pytest.mark.parametrize("loop", ["fit", *FAST_LOOPS])
+def test_net5_trains_with_its_recipe_and_evaluates_with_tta(loop):
+    rng = np.random.default_rng(0)
+    x = correlated_images(n=64, seed=1)
+    y = rng.integers(0, 10, size=64)
+    config = TrainConfig(**RECIPE)
+    trail = BiasTrail()
+    result = train(
+        config,
+        _data(x, y),
+        loop=loop,
+        callbacks=[trail],
+    )
+    assert [r.epoch for r in result.epochs] == [1, 2]
+    assert all(np.isfinite(r.loss) for r in result.epochs)
+    # The whitening kernel is the one computed from the training images, untouched by SGD.
+    (layer,) = find_whitening(result.model)
+    kernel, _ = whitening_weights(image_patches(normalise(x)))
+    np.testing.assert_allclose(
+        np.array(layer.kernel).reshape(kernel.shape), kernel, rtol=1e-4, atol=1e-4
+    )
+    # Its bias trains in epoch 1 only (whiten_bias_epochs=1).
+    np.testing.assert_array_equal(trail.biases[1], trail.biases[0])
+    # The exported model is the plain net; TTA evaluation records its views.
+    assert result.model.name == "net5"
+    evaluation = evaluate(result.model, x[:20], y[:20], tta=config.tta)
+    assert [v["name"] for v in evaluation.tta_views][:2] == ["identity", "flip"]
+    assert 0.0 <= evaluation.tta_accuracy <= 1.0
+
+
+def _data(x, y):
+    from app.ml.data import Cifar10
+
+    return Cifar10(x, y, x[:20], y[:20], source="synthetic")
