@@ -353,6 +353,8 @@ def build_or_resume(config: TrainConfig, prepared: Prepared, checkpoint_dir: Pat
     """The newest checkpoint's model (with its optimizer state), else a fresh compiled one."""
     import keras
 
+    import app.ml.augment
+    import app.ml.blocks  # noqa: F401  (the custom layers a checkpoint may hold)
     from app.ml.optim import steps_per_epoch
 
     done = checkpoint_epoch(checkpoint_dir)

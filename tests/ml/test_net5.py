@@ -8,7 +8,8 @@ from app.ml import backend
 from app.ml.blocks import find_whitening, image_patches, whitening_weights
 from app.ml.data import normalise
 from app.ml.evaluation import evaluate
-from app.ml.training import TrainConfig, train
+from app.ml.optim import RecipeSGD
+from app.ml.training import TrainConfig, checkpoint_model_path, train
 from tests.ml.test_blocks import correlated_images
 
 FAST_LOOPS = ["device"] if backend.is_jax() else ["data"]
@@ -84,3 +85,32 @@ def _data(x, y):
     from app.ml.data import Cifar10
 
     return Cifar10(x, y, x[:20], y[:20], source="synthetic")
+
+
+def test_net5_resumes_from_its_checkpoint_and_its_export_reloads(tmp_path):
+    rng = np.random.default_rng(0)
+    x = correlated_images(n=32, seed=2)
+    y = rng.integers(0, 10, size=32)
+    first = TrainConfig(**(RECIPE | {"epochs": 1}))
+    train(first, _data(x, y), checkpoint_dir=tmp_path / "ckpt", loop="fit")
+    resumed = train(
+        TrainConfig(**RECIPE), _data(x, y), checkpoint_dir=tmp_path / "ckpt", loop="fit"
+    )
+    assert resumed.resumed_from_epoch == 1
+    assert [r.epoch for r in resumed.epochs] == [2]
+    # The checkpoint keeps the optimizer's recipe.
+    checkpoint = keras.saving.load_model(checkpoint_model_path(tmp_path / "ckpt"))
+    optimizer = checkpoint.optimizer
+    assert isinstance(optimizer, RecipeSGD)
+    assert (optimizer.lookahead_steps, optimizer.bias_lr_scale) == (5, 64.0)
+    assert len(optimizer.bias_paths) == 6 and len(optimizer.frozen_paths) == 1
+    assert int(optimizer.iterations) == 2 * 2  # two epochs of 32 / 16 steps
+    path = tmp_path / "net5.keras"
+    resumed.model.save(path)
+    loaded = keras.saving.load_model(path, compile=False, safe_mode=True)
+    images = normalise(x[:4])
+    np.testing.assert_allclose(
+        np.asarray(loaded.predict(images, verbose=0)),
+        np.asarray(resumed.model.predict(images, verbose=0)),
+        atol=1e-5,
+    )
