@@ -226,13 +226,16 @@ def run_seeds(seeds: int, quick: bool, timeout_s: float) -> dict[str, Any]:
             epochs = http.get(f"/jobs/{job_id}/history").json()["epochs"]
             evaluation = http.get(f"/jobs/{job_id}/evaluation").json()
             train_seconds = sum(e["seconds"] for e in epochs)
+            # The history has no images/s: the images the job trained on, over its seconds
+            # (validation_split is 0 in the recipe, so the seconds are training alone).
+            n_train = job_images(body)
             row = {
                 "seed": seed,
                 "job_id": job_id,
                 "status": status,
                 "training_seconds": train_seconds,
-                "images_per_second": statistics.fmean(e["images_per_second"] for e in epochs)
-                if epochs
+                "images_per_second": n_train * len(epochs) / train_seconds
+                if train_seconds
                 else math.nan,
                 "test_accuracy": evaluation.get("test_accuracy"),
                 "tta_accuracy": evaluation.get("tta_accuracy"),
@@ -254,6 +257,12 @@ def run_seeds(seeds: int, quick: bool, timeout_s: float) -> dict[str, Any]:
         for key in ("training_seconds", "images_per_second", "test_accuracy", "tta_accuracy")
     }
     return {"recipe": body, "jobs": rows, "summary": summary, "workdir": str(workdir)}
+
+
+def job_images(body: dict[str, Any]) -> int:
+    """Training images per epoch of a job body: train_limit or 50,000, less the validation."""
+    n = body.get("train_limit") or EPOCH_IMAGES
+    return int(n * (1.0 - float(body.get("validation_split", 0.2))))
 
 
 def _pct(value: float | None) -> str:
