@@ -89,6 +89,18 @@ class Job(Base):
     )
     warmup_epochs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     early_stopping_patience: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # NET V's recipe (issue 21, migration 0014_net5_blocks); defaults = runs as before.
+    momentum: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    nesterov: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    bias_lr_scale: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    lookahead_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    whiten: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    whiten_bias_epochs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    augment_translate: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    augment_flip_mode: Mapped[str] = mapped_column(
+        String(16), default="random", server_default="random"
+    )
+    tta: Mapped[str] = mapped_column(String(16), default="none", server_default="none")
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     current_epoch: Mapped[int] = mapped_column(Integer, default=0)
@@ -193,6 +205,10 @@ class Evaluation(Base):
     # {"archive", "sha256", "first_test_image", "train_images", "test_images"}.
     test_ce_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Issue 21 (migration 0014): the test-time augmentation's views ({"name", "weight"} each)
+    # and the accuracy of their weighted mean; null without TTA (test_accuracy is plain).
+    tta_views: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    tta_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="evaluation")

@@ -385,6 +385,15 @@ class EvaluationPublic(BaseModel):
     data: DataPublic | None = Field(
         default=None, description="Which data the job used; null for older jobs."
     )
+    tta_views: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Test-time augmentation's views ({name, weight}); null without TTA.",
+    )
+    tta_accuracy: float | None = Field(
+        default=None,
+        description="Accuracy of the weighted mean over tta_views (test_accuracy is without "
+        "TTA); null without TTA.",
+    )
     classes: list[str] = Field(
         default_factory=lambda: list(CLASS_NAMES),
         description="Class names, in the order of the lists above.",

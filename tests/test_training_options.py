@@ -135,7 +135,7 @@ def test_the_check_sees_a_wrong_type_nullability_and_server_default():
         "augment_flip: column type INTEGER, expected Boolean",
         "cutout: server default 4, expected 0",
         "clipnorm: nullable is False, expected True",
-        "lr_schedule: VARCHAR(8) is too short for one_cycle",
+        "lr_schedule: VARCHAR(8) is too short for triangular",
     ]
 
 

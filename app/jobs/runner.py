@@ -320,7 +320,8 @@ class _Runner:
         self.control.checkpoint()
 
         evaluation = dataclasses.replace(
-            evaluate(result.model, data.x_test, data.y_test), data=provenance(data).to_dict()
+            evaluate(result.model, data.x_test, data.y_test, tta=config.tta),
+            data=provenance(data).to_dict(),
         )
         self.control.checkpoint()
         metrics = {
@@ -330,6 +331,7 @@ class _Runner:
             "device": result.device,
             "precision": result.precision,
             **({"restored_epoch": result.best_epoch} if result.best_epoch else {}),
+            **({"tta_accuracy": evaluation.tta_accuracy} if evaluation.tta_views else {}),
         }
 
         def stage_and_register() -> Any:

@@ -7,6 +7,10 @@ it for free and the data pipeline stays plain arrays; `model(x, training=False)`
 - `RandomPadCrop(p)`: pad by p zero pixels on each side, crop a random 32x32 window per
   image (shifts of -p..p pixels, each equally likely), as in the ResNet/fast-CIFAR recipes.
 - `keras.layers.RandomFlip("horizontal")`: mirror half of the images.
+- `RandomPadCrop(p, mode="reflect")` (augment_translate): the same with reflection padding.
+- `AlternatingFlip(steps_per_epoch)`: airbench's alternating flip; each image gets a seeded
+  coin from its pixels; epoch 0 flips the images whose coin is 1, every later epoch flips
+  exactly the images the epoch before did not. The epoch is counted by the layer itself.
 - `Cutout(s)`: erase one s x s square per image, centred uniformly at random, clipped at the
   border (DeVries & Taylor, 2017).
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from app.ml.nets import INPUT_SHAPE
@@ -31,9 +36,12 @@ AUGMENT_PREFIX = "augment_"
 class RandomPadCrop(keras.layers.Layer):
     """Zero-pad by `padding` pixels, then crop a random window of the input's size per image."""
 
-    def __init__(self, padding: int, seed: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, padding: int, seed: int | None = None, mode: str = "constant", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.padding = int(padding)
+        self.mode = mode
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
@@ -44,7 +52,7 @@ class RandomPadCrop(keras.layers.Layer):
         p = self.padding
         height, width = int(images.shape[1]), int(images.shape[2])
         batch = ops.shape(images)[0]
-        padded = ops.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
+        padded = ops.pad(images, [[0, 0], [p, p], [p, p], [0, 0]], mode=self.mode)
         offsets = keras.random.randint(
             (batch, 2), 0, 2 * p + 1, dtype="int32", seed=self.seed_generator
         )
@@ -59,7 +67,61 @@ class RandomPadCrop(keras.layers.Layer):
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "padding": self.padding, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "padding": self.padding,
+            "seed": self.seed,
+            "mode": self.mode,
+        }
+
+
+@keras.saving.register_keras_serializable(package="cnn")
+class AlternatingFlip(keras.layers.Layer):
+    """Flip image i in epoch e iff coin_i XOR (e is odd) (airbench94's alternating flip).
+
+    coin_i is the parity of the sum of a seeded random subset of the image's pixel values
+    (x * 255, rounded: exact integers in float32), so it is fixed per image across epochs
+    whatever order the loop shuffles the images in, and about half the images get 1. The
+    layer counts its training calls in a non-trainable variable (saved with checkpoints);
+    epoch = calls // steps_per_epoch.
+    """
+
+    def __init__(self, steps_per_epoch: int, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.seed = seed
+
+    def build(self, input_shape: Any) -> None:
+        self.calls = self.add_weight(
+            name="calls", shape=(), initializer="zeros", dtype="int32", trainable=False
+        )
+        rng = np.random.default_rng(self.seed)
+        self._mask = rng.integers(0, 2, size=tuple(int(d) for d in input_shape[1:]))
+
+    def coin(self, images: Any) -> Any:
+        """Each image's coin, 0 or 1 (int32, shape (batch,))."""
+        pixels = ops.round(ops.cast(images, "float32") * 255.0)
+        mask = ops.cast(self._mask, "float32")[None]
+        total = ops.cast(ops.sum(pixels * mask, axis=(1, 2, 3)), "int32")
+        return ops.mod(total, 2)
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        if not training:
+            return images
+        epoch = ops.floor_divide(self.calls, self.steps_per_epoch)
+        self.calls.assign(self.calls + 1)
+        flip = ops.not_equal(self.coin(images), ops.mod(epoch, 2))
+        return ops.where(flip[:, None, None, None], ops.flip(images, axis=2), images)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "seed": self.seed,
+        }
 
 
 @keras.saving.register_keras_serializable(package="cnn")
@@ -97,13 +159,27 @@ class Cutout(keras.layers.Layer):
         return {**super().get_config(), "size": self.size, "seed": self.seed}
 
 
-def augmentation_layers(config: TrainConfig) -> list[Any]:
-    """The layers the config asks for, in order crop -> flip -> cutout (none by default)."""
+def augmentation_layers(config: TrainConfig, steps_per_epoch: int = 1) -> list[Any]:
+    """The layers the config asks for, in order (alternating flip) -> crop or translate ->
+    (random) flip -> cutout (none by default). The alternating flip comes first because its
+    coin is read from the image's pixels."""
     layers: list[Any] = []
     seed = config.seed
+    alternating = config.augment_flip and config.augment_flip_mode == "alternating"
+    if alternating:
+        layers.append(AlternatingFlip(steps_per_epoch, seed=seed + 1, name=f"{AUGMENT_PREFIX}flip"))
     if config.augment_crop:
         layers.append(RandomPadCrop(config.augment_crop, seed=seed, name=f"{AUGMENT_PREFIX}crop"))
-    if config.augment_flip:
+    if config.augment_translate:
+        layers.append(
+            RandomPadCrop(
+                config.augment_translate,
+                seed=seed,
+                mode="reflect",
+                name=f"{AUGMENT_PREFIX}translate",
+            )
+        )
+    if config.augment_flip and not alternating:
         layers.append(
             keras.layers.RandomFlip("horizontal", seed=seed + 1, name=f"{AUGMENT_PREFIX}flip")
         )
@@ -112,9 +188,11 @@ def augmentation_layers(config: TrainConfig) -> list[Any]:
     return layers
 
 
-def with_augmentation(net: keras.Model, config: TrainConfig) -> keras.Model:
+def with_augmentation(
+    net: keras.Model, config: TrainConfig, steps_per_epoch: int = 1
+) -> keras.Model:
     """`net` behind the config's augmentation layers (the net itself when there are none)."""
-    layers = augmentation_layers(config)
+    layers = augmentation_layers(config, steps_per_epoch)
     if not layers:
         return net
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")

@@ -96,6 +96,8 @@ class Predictor:
             )
         import keras
 
+        import app.ml.blocks  # noqa: F401  (registers NET V's layers for loading)
+
         try:
             # safe_mode refuses lambda layers and other deserialised code in the file.
             model = keras.saving.load_model(path, compile=False, safe_mode=True)

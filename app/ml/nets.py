@@ -51,6 +51,8 @@ class NetSpec:
     layout: str
     builder: Builder
     notes: str = ""
+    # The first layer is a PatchWhitening (app/ml/blocks.py) that the `whiten` option sets.
+    whitening: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -193,6 +195,58 @@ def build_net4(
     return keras.Model(inputs, outputs, name="net4")
 
 
+NET5_WIDTHS = (64, 256, 256)  # airbench94's; airbench93 uses (64, 128, 128)
+NET5_ACTIVATION = "gelu"
+
+
+def build_net5(
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
+    num_classes: int = NUM_CLASSES,
+    widths: tuple[int, int, int] = NET5_WIDTHS,
+    activation: str = NET5_ACTIVATION,
+) -> keras.Model:
+    """NET V (issue 21): airbench94's net (Jordan, 2024) in Keras.
+
+    A frozen 2x2 patch-whitening convolution (24 channels, set from the training images by
+    the `whiten` option) and GELU, then three blocks of CONV3x3-POOL-BN-ACT-CONV3x3-BN-ACT
+    (no conv bias, identity-initialised first filters, BN without scale), global max
+    pooling and a bias-free FC whose logits are scaled by 1/9 before the softmax.
+    """
+    import keras
+    from keras import layers
+
+    from app.ml.blocks import PartialDirac, PatchWhitening, no_affine_bn
+
+    _check_shape(input_shape, num_classes)
+
+    def conv(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
+        return layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=PartialDirac(),
+            name=name,
+        )(x)
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = PatchWhitening(name="whiten")(inputs)
+    x = layers.Activation(activation, name="whiten_act")(x)
+    for block, width in enumerate(widths, start=1):
+        x = conv(x, width, f"block{block}_conv1")
+        x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+        x = no_affine_bn(f"block{block}_bn1")(x)
+        x = layers.Activation(activation, name=f"block{block}_act1")(x)
+        x = conv(x, width, f"block{block}_conv2")
+        x = no_affine_bn(f"block{block}_bn2")(x)
+        x = layers.Activation(activation, name=f"block{block}_act2")(x)
+    x = layers.GlobalMaxPooling2D(name="global_pool")(x)
+    x = layers.Dense(num_classes, use_bias=False, name="fc")(x)
+    x = layers.Rescaling(1.0 / 9.0, name="fc_scale")(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="softmax")(x)
+    return keras.Model(inputs, outputs, name="net5")
+
+
 NETS: dict[str, NetSpec] = {
     spec.name: spec
     for spec in (
@@ -241,6 +295,23 @@ NETS: dict[str, NetSpec] = {
                 "Exercise 19's answer: about 0.65x NET III's multiply-accumulates, half its "
                 "parameters. Meant to be trained with the levers: crop 4 + flip augmentation, "
                 "label smoothing, AdamW with a one-cycle schedule (scripts/report_jobs.json)."
+            ),
+        ),
+        NetSpec(
+            name="net5",
+            title="NET V",
+            description=(
+                "airbench94 in Keras: a frozen 2x2 patch-whitening convolution (24 channels) and "
+                "GELU, three blocks of two 3x3 convolutions (64, 256, 256) with 2x2 max pooling "
+                "and batch normalisation without scale, global max pooling, FC 10 scaled by 1/9."
+            ),
+            layout=("WHITEN-(CONV-POOL-BN-CONV-BN)x3-GLOBALPOOL-FC"),
+            builder=build_net5,
+            whitening=True,
+            notes=(
+                "Meant to be trained with its recipe (docs/course.md, NET V): whiten, SGD "
+                "Nesterov with a triangular schedule, bias_lr_scale 64, lookahead, label "
+                "smoothing 0.2, alternating flip, translate 2, flip+translate TTA."
             ),
         ),
     )

@@ -21,8 +21,12 @@ from app.ml.options import Option, lever, option, options_of
 
 Optimizer = Literal["adam", "sgd", "rmsprop", "adamw"]
 Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
-LrSchedule = Literal["constant", "cosine", "one_cycle"]
+LrSchedule = Literal["constant", "cosine", "one_cycle", "triangular"]
+Tta = Literal["none", "flip", "flip_translate"]
+FlipMode = Literal["random", "alternating"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+TTA_MODES: tuple[str, ...] = get_args(Tta)
+FLIP_MODES: tuple[str, ...] = get_args(FlipMode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
@@ -105,14 +109,17 @@ class TrainConfig:
     )
     weight_decay: float = lever(
         0.0,
-        "Decoupled weight decay (w -= lr * wd * w per step); needs optimizer adamw.",
+        "Weight decay: decoupled with adamw (w -= lr * wd * w per step), coupled with sgd "
+        "(wd * w added to the gradient, so it follows the schedule and the momentum).",
         ge=0,
         le=1.0,
     )
     clipnorm: float | None = lever(None, "Clip each gradient to this L2 norm.", gt=0, le=1e6)
     lr_schedule: str = lever(
         "constant",
-        "constant, cosine (to 0) or one_cycle (peak learning_rate); see docs/course.md.",
+        "constant, cosine (to 0), one_cycle (peak learning_rate) or triangular (0.2 x peak "
+        "up to the peak at 23% of the steps, down to 0.07 x peak: airbench's); see "
+        "docs/course.md.",
         choices=LR_SCHEDULES,
     )
     warmup_epochs: int = lever(
@@ -129,6 +136,65 @@ class TrainConfig:
         ge=1,
         le=1000,
     )
+    # NET V's recipe (issue 21); every default leaves the other nets' runs as they were.
+    momentum: float = lever(
+        0.0,
+        "SGD momentum (Keras' rule: m = momentum * m - lr * g); needs optimizer sgd.",
+        ge=0,
+        lt=1,
+    )
+    nesterov: bool = lever(False, "Nesterov momentum; needs optimizer sgd and momentum > 0.")
+    bias_lr_scale: float = lever(
+        1.0,
+        "Multiply the learning rate of every BatchNormalization bias (beta) by this (and "
+        "divide its coupled weight decay by it, as airbench does); needs optimizer sgd "
+        "when above 1.",
+        ge=1,
+        le=1000,
+    )
+    lookahead_steps: int = lever(
+        0,
+        "Lookahead: every N steps the slow weights move towards the trained ones by 1 - "
+        "0.95^N * (step / total)^3, and the trained ones are reset to them (and at the last "
+        "step); 0 = off.",
+        ge=0,
+        le=1000,
+        unit="steps",
+    )
+    whiten: bool = lever(
+        False,
+        "Set the net's frozen 2x2 patch-whitening first layer from the training images' "
+        "patch covariance before training; needs a net with one (net5).",
+    )
+    whiten_bias_epochs: int = lever(
+        0,
+        "Train the whitening layer's bias for the first N epochs only; 0 = every epoch.",
+        ge=0,
+        le=MAX_EPOCHS,
+        unit="epochs",
+    )
+    augment_translate: int = lever(
+        0,
+        "Pad every training image by N pixels per side by reflection and crop a random "
+        "32x32 window (training only); 0 = off. Not with augment_crop.",
+        ge=0,
+        le=MAX_AUGMENT_CROP,
+        unit="pixels of padding",
+    )
+    augment_flip_mode: str = lever(
+        "random",
+        "With augment_flip: random (each image, each epoch) or alternating (each image "
+        "flipped by a seeded coin in the first epoch, then on every other epoch exactly the "
+        "ones not flipped the epoch before).",
+        choices=FLIP_MODES,
+    )
+    tta: str = lever(
+        "none",
+        "Test-time augmentation at evaluation: none, flip (mean of the image and its "
+        "mirror) or flip_translate (also both shifted by one pixel, reflected); the job's "
+        "evaluation records the views and the accuracy with and without.",
+        choices=TTA_MODES,
+    )
 
     def __post_init__(self) -> None:
         get_net(self.net)
@@ -144,9 +210,51 @@ class TrainConfig:
         """The rules between options; JobCreate answers a broken one with a 422 and its text."""
         return [
             (
-                self.weight_decay == 0.0 or self.optimizer == "adamw",
-                "weight_decay needs optimizer='adamw' (decoupled weight decay). "
+                self.weight_decay == 0.0 or self.optimizer in ("adamw", "sgd"),
+                "weight_decay needs optimizer='adamw' (decoupled) or 'sgd' (coupled). "
                 f"Received: optimizer={self.optimizer!r}, weight_decay={self.weight_decay}",
+            ),
+            (
+                self.momentum == 0.0 or self.optimizer == "sgd",
+                "momentum is SGD's; it needs optimizer='sgd'. "
+                f"Received: optimizer={self.optimizer!r}, momentum={self.momentum}",
+            ),
+            (
+                not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+                "nesterov needs optimizer='sgd' and momentum > 0. "
+                f"Received: optimizer={self.optimizer!r}, momentum={self.momentum}",
+            ),
+            (
+                self.bias_lr_scale == 1.0 or self.optimizer == "sgd",
+                "bias_lr_scale needs optimizer='sgd'. "
+                f"Received: optimizer={self.optimizer!r}, bias_lr_scale={self.bias_lr_scale}",
+            ),
+            (
+                self.lookahead_steps == 0 or self.optimizer == "sgd",
+                "lookahead_steps needs optimizer='sgd'. "
+                f"Received: optimizer={self.optimizer!r}, lookahead_steps={self.lookahead_steps}",
+            ),
+            (
+                not self.whiten or get_net(self.net).whitening,
+                f"whiten needs a net whose first layer is the patch-whitening convolution "
+                f"(net5). Received: net={self.net!r}",
+            ),
+            (
+                self.whiten_bias_epochs == 0
+                or (get_net(self.net).whitening and self.optimizer == "sgd"),
+                "whiten_bias_epochs needs a net with the patch-whitening layer (net5) and "
+                f"optimizer='sgd'. Received: net={self.net!r}, optimizer={self.optimizer!r}",
+            ),
+            (
+                self.augment_translate == 0 or self.augment_crop == 0,
+                "augment_translate and augment_crop are two ways of one shift; choose one. "
+                f"Received: augment_crop={self.augment_crop}, "
+                f"augment_translate={self.augment_translate}",
+            ),
+            (
+                self.augment_flip_mode == "random" or self.augment_flip,
+                "augment_flip_mode='alternating' needs augment_flip=true. "
+                f"Received: augment_flip={self.augment_flip}",
             ),
             (
                 self.warmup_epochs < self.epochs or self.warmup_epochs == 0,

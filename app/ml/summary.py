@@ -4,7 +4,10 @@ Each figure is computed from the layer's hyper-parameters alone:
   convolution  P_n = ((m * n * C_i) + 1) * C_o
   dense        P_n = (N_in + 1) * N_out
   pool/flatten/dropout  P_n = 0
-  batch normalisation  P_n = 4 * C (gamma, beta trainable; moving mean and variance not)
+  batch normalisation  P_n = 4 * C (gamma, beta trainable; moving mean and variance not),
+                       3 * C without scale (NET V: beta trainable only)
+  patch whitening      P_n = (p * p * C_i) * 2(p * p * C_i) + 2(p * p * C_i), the kernel frozen
+  rescaling            P_n = 0
   add (residual)       P_n = 0, output shape = the (identical) input shapes
   output size  O_n = floor((N - F + 2P) / S) + 1
 and then compared with what Keras reports for the built model. A disagreement is a bug
@@ -139,16 +142,43 @@ def _calc_layer(
             macs=n_in * n_out,
             formula=f"P = ({n_in:,} + {bias}) * {n_out:,} = {params:,}",
         )
-    if kind in ("Dropout", "Activation", "ReLU", "SpatialDropout2D"):
+    if kind == "PatchWhitening":
+        p, c_in = int(cfg["patch"]), in_shape[2]
+        d = p * p * c_in
+        oh, _, fh = _spatial(in_shape[0], p, 1, "valid")
+        ow, _, _ = _spatial(in_shape[1], p, 1, "valid")
+        params = d * 2 * d + 2 * d
+        return LayerCalc(
+            **base,
+            output_shape=[oh, ow, 2 * d],
+            kernel=[p, p],
+            stride=[1, 1],
+            padding=[0, 0],
+            params=params,
+            trainable_params=2 * d,
+            macs=oh * ow * 2 * d * d,
+            formula=f"P = ({p}*{p}*{c_in}) * {2 * d} + {2 * d} = {params:,} "
+            f"(kernel frozen, bias trainable); O = {fh}",
+        )
+    if kind in ("Dropout", "Activation", "ReLU", "SpatialDropout2D", "Rescaling"):
         return LayerCalc(
             **base,
             output_shape=list(in_shape),
             formula="P = 0; O = input shape",
         )
     if kind == "BatchNormalization":
-        if not (cfg.get("center", True) and cfg.get("scale", True)):
-            raise NotImplementedError(f"BatchNormalization without center/scale ({layer.name})")
+        if not cfg.get("center", True):
+            raise NotImplementedError(f"BatchNormalization without center ({layer.name})")
         channels = in_shape[-1]
+        if not cfg.get("scale", True):
+            return LayerCalc(
+                **base,
+                output_shape=list(in_shape),
+                params=3 * channels,
+                trainable_params=channels,
+                formula=f"P = 3 * {channels} = {3 * channels:,} "
+                "(beta trainable, no gamma; moving mean, variance not)",
+            )
         return LayerCalc(
             **base,
             output_shape=list(in_shape),

@@ -210,11 +210,11 @@ def build_compiled(
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
-        model = with_augmentation(get_net(config.net).builder(), config)
+        model = with_augmentation(get_net(config.net).builder(), config, steps_per_epoch or 1)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     model.compile(
-        optimizer=make_optimizer(config, steps_per_epoch or 1),
+        optimizer=make_optimizer(config, steps_per_epoch or 1, model),
         loss=make_loss(config),
         metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(name=CE_METRIC)],
     )
@@ -370,13 +370,20 @@ def build_or_resume(config: TrainConfig, prepared: Prepared, checkpoint_dir: Pat
     """The newest checkpoint's model (with its optimizer state), else a fresh compiled one."""
     import keras
 
+    import app.ml.augment
+    import app.ml.blocks  # noqa: F401  (the custom layers a checkpoint may hold)
     from app.ml.optim import steps_per_epoch
 
     done = checkpoint_epoch(checkpoint_dir)
     if done and checkpoint_dir is not None:
         return Start(keras.saving.load_model(checkpoint_model_path(checkpoint_dir)), done)
     steps = steps_per_epoch(len(prepared.x_train), config.batch_size)
-    return Start(build_compiled(config, prepared.precision, steps), 0)
+    model = build_compiled(config, prepared.precision, steps)
+    if config.whiten:  # from the images this run trains on (never the validation split's)
+        from app.ml.blocks import init_whitening
+
+        init_whitening(model, prepared.x_train, seed=config.seed)
+    return Start(model, 0)
 
 
 def fit(

@@ -100,6 +100,7 @@ def job_row(job: JobEntry, net: NetEntry) -> dict[str, Any]:
         "test_loss": None if evaluation is None else evaluation.test_loss,
         "test_accuracy": None if evaluation is None else evaluation.test_accuracy,
         "test_ce_loss": None if evaluation is None else evaluation.test_ce_loss,
+        "tta_accuracy": None if evaluation is None else evaluation.tta_accuracy,
         "best_epoch": analysis.best_epoch,
         "overfitting_after_epoch": analysis.overfitting_after_epoch,
         "final_gap": analysis.final_gap,

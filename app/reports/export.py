@@ -73,6 +73,9 @@ class EvaluationEntry(_Entry):
     test_ce_loss: Number = None
     first_image: FirstImageEntry | None = None
     data: DataEntry | None = None
+    # Test-time augmentation (issue 21): the accuracy of the mean over the views; null without.
+    tta_accuracy: Number = None
+    tta_views: list[str] | None = Field(default=None, max_length=16)
 
 
 class JobEntry(_Entry):
@@ -223,7 +226,16 @@ def _evaluation_entry(evaluation: Any) -> EvaluationEntry:
         test_ce_loss=evaluation.test_ce_loss,
         first_image=None if first is None else FirstImageEntry.model_validate(first),
         data=None if evaluation.data is None else DataEntry.model_validate(evaluation.data),
+        tta_accuracy=getattr(evaluation, "tta_accuracy", None),
+        tta_views=_view_names(getattr(evaluation, "tta_views", None)),
     )
+
+
+def _view_names(views: Any) -> list[str] | None:
+    """The TTA views' names: from the evaluation row's {name, weight} or an export's names."""
+    if not views:
+        return None
+    return [v["name"] if isinstance(v, dict) else str(v) for v in views]
 
 
 @lru_cache(maxsize=32)

@@ -28,7 +28,13 @@ VERDICT_WORDS = {
     "still_improving": "still improving",
     "plateau": "plateau",
 }
-AUGMENTATION_LEVERS = ("augment_crop", "augment_flip", "cutout")
+AUGMENTATION_LEVERS = (
+    "augment_crop",
+    "augment_translate",
+    "augment_flip",
+    "augment_flip_mode",
+    "cutout",
+)
 SELECTION_RULE = (
     "the epoch whose weights the job kept: its last, or the one early stopping restored"
 )
@@ -181,6 +187,12 @@ def data_section(rows: Sequence[Row]) -> str:
 
 
 # ----------------------------------------------------------------------------- table
+def _tta(row: Row) -> str:
+    """ " (TTA 90.12%)" after the plain test accuracy of a job evaluated with TTA, else ""."""
+    tta = row.get("tta_accuracy")
+    return "" if tta is None else f" (TTA {_pct(tta)})"
+
+
 def table(rows: Sequence[Row]) -> str:
     head = (
         "| job | net | parameters | MACs/image | epochs | precision | device | training "
@@ -193,7 +205,7 @@ def table(rows: Sequence[Row]) -> str:
             f"{_num(r['macs'] / 1e6 if r['macs'] else None, '{:.1f} M')} | {r['epochs']} | "
             f"{r['precision'] or NA} | {r['device'] or NA} | {_minutes(r['training_seconds'])} | "
             f"{_num(r['kept_epoch'], '{}')} | {_pct(r['val_accuracy'])} | "
-            f"{_loss(r['val_ce_loss'])} | {_pct(r['test_accuracy'])} | "
+            f"{_loss(r['val_ce_loss'])} | {_pct(r['test_accuracy'])}{_tta(r)} | "
             f"{_loss(r['test_ce_loss'])} | {verdict_word(r)} |"
         )
     return "\n".join(lines)

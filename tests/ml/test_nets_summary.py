@@ -5,7 +5,13 @@ import pytest
 from app.ml.nets import NETS, UnknownNetError, build_net, get_net
 from app.ml.summary import _spatial, format_table, summarize
 
-EXPECTED_PARAMS = {"net1": 193_034, "net2": 686_090, "net3": 3_267_306, "net4": 1_648_362}
+EXPECTED_PARAMS = {
+    "net1": 193_034,
+    "net2": 686_090,
+    "net3": 3_267_306,
+    "net4": 1_648_362,
+    "net5": 1_973_944,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED_PARAMS))

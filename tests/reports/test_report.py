@@ -329,3 +329,27 @@ def test_cnn_report_from_a_bad_export_exits_2_with_the_reason(tmp_path, capsys):
     assert main(["report", "--out", str(tmp_path)]) == 2
     assert "name the jobs: --jobs" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.md"))
+
+
+def test_the_table_shows_the_tta_accuracy_beside_the_plain_one():
+    from app.reports.markdown import table
+
+    row = {
+        "id": "0123456789",
+        "net": "net5",
+        "title": "NET V",
+        "parameters": 1_973_944,
+        "macs": 118_147_360,
+        "epochs": 10,
+        "precision": "float32",
+        "device": "CPU",
+        "training_seconds": 600.0,
+        "kept_epoch": 10,
+        "val_accuracy": None,
+        "val_ce_loss": None,
+        "test_accuracy": 0.8821,
+        "test_ce_loss": 0.5,
+        "verdict": None,
+    }
+    assert "| 88.2% (TTA 89.1%) |" in table([row | {"tta_accuracy": 0.891}])
+    assert "| 88.2% |" in table([row | {"tta_accuracy": None}])
