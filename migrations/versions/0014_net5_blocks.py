@@ -1,7 +1,7 @@
 """NET V's building blocks (issue 21): the recipe's job options, TTA in the evaluation
 
 Revision ID: 0014_net5_blocks
-Revises: 0006_caller_scoped_keys
+Revises: 0012_job_gpus
 Create Date: 2026-12-06
 
 Every new job option is off by default and existing rows get that default (server_default),
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0014_net5_blocks"
-down_revision: str | Sequence[str] | None = "0006_caller_scoped_keys"
+down_revision: str | Sequence[str] | None = "0012_job_gpus"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
