@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from app.errors import InvalidJobIds, JobNotFinished
 from app.ml.analysis import analyse
 from app.ml.options import Option
-from app.ml.params import OPTIONS
+from app.ml.params import OPTIONS, default
 from app.reports.export import MAX_REPORT_JOBS, JobEntry, NetEntry, ReportExport
 
 if TYPE_CHECKING:
@@ -122,7 +122,9 @@ def job_row(job: JobEntry, net: NetEntry) -> dict[str, Any]:
         "data": None
         if evaluation is None or evaluation.data is None
         else evaluation.data.model_dump(),
-        "training": {name: job.training.get(name) for name in TRAINING_FIELDS},
+        # An export older than an option trained with its default: an option's default is
+        # the behaviour from before it existed.
+        "training": {name: job.training.get(name, default(name)) for name in TRAINING_FIELDS},
         "history": {
             **{key: [r[key] for r in rows] for key in HISTORY_KEYS},
             "learning_rate": [r["learning_rate"] for r in rows],

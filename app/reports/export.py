@@ -116,6 +116,14 @@ class AblationEntry(_Entry):
     job: JobEntry
 
 
+def lever_flags(levers_on: Sequence[str]) -> dict[str, bool]:
+    """The sweeps service names the levers a job has on; the export states every lever but
+    the architecture (which the job's net shows) as on or off."""
+    from app.sweeps.ablation import LEVERS
+
+    return {name: name in levers_on for name in LEVERS if name != "architecture"}
+
+
 class AblationExport(_Entry):
     sweep_id: str = Field(max_length=64)
     entries: list[AblationEntry] = Field(max_length=MAX_ABLATION_JOBS)
@@ -299,7 +307,7 @@ def collect(
             entries=[
                 AblationEntry(
                     role=role,
-                    levers=dict(levers),
+                    levers=lever_flags(levers),
                     job=job_entry(job, job_service.list_epochs(session, job.id)),
                 )
                 for role, levers, job in found

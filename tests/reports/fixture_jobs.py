@@ -236,20 +236,23 @@ def ablation(session: Session) -> None:
     session.commit()
 
 
-def ablation_source(session: Session, sweep_id: uuid.UUID) -> list[tuple[str, dict, Job]]:
-    """What app.sweeps.service.ablation_jobs answers for the fixture's sweep."""
+def ablation_source(session: Session, sweep_id: uuid.UUID) -> list[tuple[str, tuple, Job]]:
+    """What app.sweeps.service.ablation_jobs answers for the fixture's sweep: each role with
+    the names of the levers its job has on ("architecture" when it has the target's net)."""
     assert sweep_id == SWEEP_ID
     out = []
     for role in PLAN:
         lever = role.split("+", 1)[-1].split("-", 1)[-1]
-        levers = {name: (name == lever) == role.startswith("baseline+") for name in LEVERS}
+        on = tuple(name for name in LEVERS if (name == lever) == role.startswith("baseline+"))
         if role in ("baseline", "net4+none"):
-            levers = dict.fromkeys(LEVERS, False)
+            on = ()
         elif role in ("target", "net3+all"):
-            levers = dict.fromkeys(LEVERS, True)
+            on = tuple(LEVERS)
         job = session.get(Job, job_id(role))
         assert job is not None
-        out.append((role, levers, job))
+        if job.net == "net4":
+            on = ("architecture", *on)
+        out.append((role, on, job))
     return out
 
 
