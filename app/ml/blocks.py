@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from app.ml.pixels import normalise
+
 WHITEN_EPS = 5e-4  # relative to the mean eigenvalue (airbench's 5e-4 on unit-variance data)
 WHITEN_PATCH = 2
 WHITEN_IMAGES = 5000  # airbench94 estimates the covariance from 5,000 training images
@@ -98,8 +100,6 @@ def whitening_weights(
 
 def init_whitening(model: keras.Model, x_train_uint8: np.ndarray, seed: int = 0) -> None:
     """Set every PatchWhitening layer of `model` from up to 5,000 training images (x / 255)."""
-    from app.ml.data import normalise
-
     layers = find_whitening(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no PatchWhitening layer to initialise")

@@ -44,6 +44,7 @@ import numpy as np
 
 from app.files import file_digest
 from app.ml.nets import CLASS_NAMES, INPUT_SHAPE
+from app.ml.pixels import normalise  # noqa: F401  (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +161,6 @@ def tree_test_order(first: str) -> str:
         "the first of the test/ images sorted by path, then permuted by "
         f"numpy.random.default_rng({_TREE_ORDER_SEED}).permutation (app/ml/data.py): {first}"
     )
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Pixels as float32 in [0, 1] (x / 255), the scale every net is trained on."""
-    return np.asarray(x, dtype=np.float32) / np.float32(255.0)
 
 
 def subset(

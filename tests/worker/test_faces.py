@@ -27,6 +27,7 @@ from PIL import Image
 
 from app.client import ApiClient
 from app.config import Settings
+from app.jobs.queue import worker_queues
 from app.migrate import upgrade
 
 from .conftest import Processes, admin_key, free_port, process_env, stack_settings
@@ -179,8 +180,7 @@ def test_client_commands_against_the_running_service(service: Service, cnn: Any,
     assert worker["state"] == "live" and worker["current_job_id"] is None
     assert (worker["device_kind"], worker["gpu_count"]) == ("cpu", 0)
     assert worker["name"] == service.client.job(job_id)["worker"]
-    queues = {service.settings.TRAINING_QUEUE, service.settings.MAINTENANCE_QUEUE}
-    assert set(worker["queues"]) == queues
+    assert set(worker["queues"]) == set(worker_queues(service.settings, 0))
     table = ok(cnn("workers"))
     assert worker["name"] in table and "live" in table and "QUEUES" in table
     local = json.loads(ok(service.cnn("workers", "--local", "--json")))  # the database itself

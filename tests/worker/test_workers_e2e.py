@@ -16,6 +16,7 @@ import pytest
 
 from app.config import Settings
 from app.db import session_factory
+from app.jobs.queue import worker_queues
 from app.migrate import upgrade
 
 from .conftest import Api, Processes, admin_key, free_port, stack_settings, wait_for
@@ -71,7 +72,7 @@ def test_a_worker_shows_its_queues_and_job_then_stops(stack, processes: Processe
     proc = processes.worker(settings)
     worker = wait_for(lambda: by_pid(api, proc.pid), 120, "the worker in GET /workers")
     assert worker["state"] == "live" and worker["current_job_id"] is None
-    assert sorted(worker["queues"]) == sorted([settings.TRAINING_QUEUE, settings.MAINTENANCE_QUEUE])
+    assert sorted(worker["queues"]) == sorted(worker_queues(settings, 0))  # a CPU worker
     assert (worker["device_kind"], worker["device"], worker["gpu_count"]) == ("cpu", "CPU", 0)
     assert worker["keras_backend"] in {"tensorflow", "jax"}
     assert worker["name"].startswith(f"cnn-{proc.pid}@")
