@@ -7,6 +7,7 @@ SIGKILL it, with its output in a log file that a failing test prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -302,3 +303,38 @@ class Api:
 
     def close(self) -> None:
         self.http.close()
+
+
+@contextlib.contextmanager
+def api_stack(
+    database_url: str,
+    redis_url: str,
+    name: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    cifar10_cache: Path,
+    cifar10_archive: Path,
+) -> Iterator[tuple[Settings, Api]]:
+    """A migrated PostgreSQL database, settings for `name` and one API process on a free
+    port with an admin client; the process and the database's pool go at the end."""
+    from app.db import session_factory
+    from app.migrate import upgrade
+
+    upgrade(database_url)
+    settings = stack_settings(
+        database_url,
+        redis_url,
+        name,
+        tmp_path_factory.mktemp(f"{name}-state"),
+        cifar10_cache,
+        cifar10_archive,
+    )
+    procs = Processes(tmp_path_factory.mktemp(f"{name}-api-logs"))
+    port = free_port()
+    try:
+        procs.api(settings, port)
+        api = Api(port, admin_key(settings))
+        yield settings, api
+        api.close()
+    finally:
+        procs.cleanup()
+        session_factory(settings).kw["bind"].dispose()

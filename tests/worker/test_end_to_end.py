@@ -26,7 +26,6 @@ from app.config import Settings
 from app.db import session_factory
 from app.files import file_digest
 from app.jobs.queue import worker_queues
-from app.migrate import upgrade
 from app.ml.params import MAX_GPUS
 from app.models import EpochMetric, Job
 from app.registry.store import LocalArtifactStore
@@ -35,9 +34,8 @@ from .conftest import (
     FAST_ROBUSTNESS,
     Api,
     Processes,
-    admin_key,
+    api_stack,
     free_port,
-    stack_settings,
     wait_api,
     wait_for,
 )
@@ -95,27 +93,14 @@ def stack(
     cifar10_cache: Path,
     cifar10: Any,
 ) -> Iterator[Stack]:
-    url = fresh_pg_database()
-    upgrade(url)
-    settings = stack_settings(
-        url,
-        f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "e2e",
-        tmp_path_factory.mktemp("e2e-state"),
-        cifar10_cache,
-        cifar10_archive,
-    )
-    procs = Processes(tmp_path_factory.mktemp("e2e-api-logs"))
-    port = free_port()
-    try:
-        procs.api(settings, port)
-        api = Api(port, admin_key(settings))
-        yield Stack(settings, api)
-        api.close()
-    finally:
-        procs.cleanup()
-        _forget_redis_messages(settings)
-        session_factory(settings).kw["bind"].dispose()
+    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    with api_stack(
+        fresh_pg_database(), redis_url, "e2e", tmp_path_factory, cifar10_cache, cifar10_archive
+    ) as (settings, api):
+        try:
+            yield Stack(settings, api)
+        finally:
+            _forget_redis_messages(settings)
 
 
 def _utc(value: datetime) -> datetime:

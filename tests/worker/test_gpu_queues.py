@@ -27,10 +27,9 @@ from sqlalchemy import func, select, update
 from app.config import Settings
 from app.db import session_factory
 from app.jobs.queue import any_queue, gpu_queue
-from app.migrate import upgrade
 from app.models import EpochMetric, Job, JobEvent
 
-from .conftest import Api, Processes, admin_key, free_port, stack_settings, wait_for
+from .conftest import Api, Processes, api_stack, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,28 +49,15 @@ def stack(
     cifar10_cache: Path,
     cifar10: Any,
 ) -> Iterator[tuple[Settings, Api]]:
-    url = fresh_pg_database()
-    upgrade(url)
-    settings = stack_settings(
-        url,
-        f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "gpus",
-        tmp_path_factory.mktemp("gpus-state"),
-        cifar10_cache,
-        cifar10_archive,
-    )
-    procs = Processes(tmp_path_factory.mktemp("gpus-api-logs"))
-    port = free_port()
-    try:
-        procs.api(settings, port)
-        api = Api(port, admin_key(settings))
-        yield settings, api
-        api.close()
-    finally:
-        procs.cleanup()
-        with _redis() as conn:
-            conn.flushdb()
-        session_factory(settings).kw["bind"].dispose()
+    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    with api_stack(
+        fresh_pg_database(), redis_url, "gpus", tmp_path_factory, cifar10_cache, cifar10_archive
+    ) as (settings, api):
+        try:
+            yield settings, api
+        finally:
+            with _redis() as conn:
+                conn.flushdb()
 
 
 def _job(settings: Settings, job_id: str) -> Job:

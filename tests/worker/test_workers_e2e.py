@@ -15,11 +15,9 @@ from typing import Any
 import pytest
 
 from app.config import Settings
-from app.db import session_factory
 from app.jobs.queue import worker_queues
-from app.migrate import upgrade
 
-from .conftest import Api, Processes, admin_key, free_port, stack_settings, wait_for
+from .conftest import Api, Processes, api_stack, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,26 +33,15 @@ def stack(
     cifar10_cache: Path,
     cifar10: Any,
 ) -> Iterator[tuple[Settings, Api]]:
-    url = fresh_pg_database()
-    upgrade(url)
-    settings = stack_settings(
-        url,
+    with api_stack(
+        fresh_pg_database(),
         "redis://127.0.0.1:6379/11",
         "workers",
-        tmp_path_factory.mktemp("workers-state"),
+        tmp_path_factory,
         cifar10_cache,
         cifar10_archive,
-    )
-    procs = Processes(tmp_path_factory.mktemp("workers-api-logs"))
-    port = free_port()
-    try:
-        procs.api(settings, port)
-        api = Api(port, admin_key(settings))
-        yield settings, api
-        api.close()
-    finally:
-        procs.cleanup()
-        session_factory(settings).kw["bind"].dispose()
+    ) as stack:
+        yield stack
 
 
 def workers(api: Api, include_lost: bool = False) -> dict[str, dict[str, Any]]:
