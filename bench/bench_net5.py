@@ -27,22 +27,20 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARCHIVE = ROOT / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CACHE = ROOT / "var" / "test-cache"
+from stack import ARCHIVE, CACHE, free_port, wait_for  # noqa: E402
+
 RECIPES = ROOT / "scripts" / "report_jobs_cpu.json"
 EPOCH_IMAGES = 50_000
 
@@ -129,21 +127,6 @@ def throughput(steps: int, activation: str, precision: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the service
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def start_service(workdir: Path) -> tuple[subprocess.Popen[bytes], Any, Any]:

@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,37 +36,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stack import ARCHIVE, CACHE, PG, env_for, free_port, wait_for  # noqa: E402
+
 from app.config import Settings  # noqa: E402
-from app.serve import settings_env  # noqa: E402
-
-ARCHIVE = ROOT / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CACHE = ROOT / "var" / "test-cache"
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    fields = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in fields}
-    env.update(settings_env(settings))
-    env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    return env
 
 
 class Bench:

@@ -29,39 +29,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stack import ARCHIVE, CACHE, PG, env_for, wait_for  # noqa: E402
+
 from app.config import Settings  # noqa: E402
-from app.serve import settings_env  # noqa: E402
 
-ARCHIVE = ROOT / ".." / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CACHE = ROOT / "var" / "test-cache"
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/12"
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    fields = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in fields}
-    env.update(settings_env(settings))
-    env.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    return env
 
 
 class Fleet:
@@ -185,7 +163,9 @@ def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
         fleet = Fleet(count, Path(tmp), args)
         try:
             started = time.monotonic()
-            wait_for(lambda: fleet.live_workers() == count, 300, f"{count} live workers")
+            wait_for(
+                lambda: fleet.live_workers() == count, 300, f"{count} live workers", interval=0.2
+            )
             ready = time.monotonic() - started
             warm = fleet.wait_done(fleet.submit(count), args.budget_s)
             assert all(str(r.status) == "succeeded" for r in warm), [r.error for r in warm]
