@@ -133,11 +133,13 @@ def trial_budget(spec: Spec) -> int:
 
 
 def _check_trials(spec: Spec, settings: Settings) -> None:
-    """Every job the sweep can be sure to ask is a valid job within the size bounds."""
+    """Every job the sweep can be sure to ask is a valid job within the size bounds, and so
+    is a search's base: it is documented as a job (JobCreate, whose OpenAPI bounds follow
+    the settings) even where the space overrides the out-of-bounds field."""
     if isinstance(spec, AblationCreate):
         options = [entry.options for entry in planned_jobs(spec) or []]
     else:
-        options = list(_search_corners(spec))
+        options = [spec.base.model_dump(), *_search_corners(spec)]
     for values in options:
         try:
             data = JobCreate.model_validate(values)

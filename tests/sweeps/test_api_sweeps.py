@@ -290,6 +290,19 @@ def test_bad_requests_are_clear_4xx(client, expect_error, api_key, settings, cli
         422,
         "job_too_large",
     )
+    # The base is a job as documented (JobCreate's bounds) even where the space overrides
+    # the field: schemathesis found a base batch_size over JOB_MAX_BATCH_SIZE accepted.
+    over = settings.JOB_MAX_BATCH_SIZE + 1
+    batch_space = {"batch_size": {"type": "choice", "choices": [32, 64]}}
+    error = expect_error(
+        client.post(
+            "/sweeps",
+            json=search_body(base={"net": "net1", "batch_size": over}, space=batch_space),
+        ),
+        422,
+        "job_too_large",
+    )
+    assert "JOB_MAX_BATCH_SIZE" in error["message"]
     expect_error(client.post("/sweeps", content=b"kind=search"), 415, "unsupported_media_type")
     expect_error(
         client.post("/sweeps", json=search_body(), headers={"Authorization": ""}),
