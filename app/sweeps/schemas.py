@@ -60,7 +60,7 @@ def _invalid(reason: str) -> PydanticCustomError:
 class ChoiceParam(BaseModel):
     """One of a list of values (any option; the only kind for booleans and strings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["choice"]
     choices: list[ChoiceValue] = Field(min_length=1, max_length=MAX_CHOICES)
 
@@ -69,7 +69,7 @@ class IntParam(BaseModel):
     """An integer from `low` to `high` (both included), every `step`; `log` samples evenly
     in log space (needs low >= 1 and step 1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["int"]
     low: BoundedInt
     high: BoundedInt
@@ -89,7 +89,7 @@ class FloatParam(BaseModel):
     """A number from `low` to `high`; `log` samples evenly in log space (needs low > 0);
     `step` makes it discrete (and griddable). log and step exclude each other."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["float"]
     low: FiniteFloat
     high: FiniteFloat
@@ -165,7 +165,7 @@ class Objective(BaseModel):
     trial is the metric at the epoch whose weights it registered: its last epoch, or the
     restored (best) epoch with early stopping."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     metric: Metric = "val_accuracy"
     direction: Direction | None = Field(
         default=None, description="Defaults to maximize for val_accuracy, minimize for val_loss."
@@ -187,7 +187,7 @@ class Pruner(BaseModel):
     reduction_factor^(min_early_stopping_rate + rung) and stopped unless it is in the best
     1/reduction_factor of the trials that reached that epoch."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["none", "asha"] = "none"
     min_resource: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] = 1
     reduction_factor: Annotated[int, Field(ge=2, le=10)] = 3
@@ -212,6 +212,7 @@ class SearchCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # "1" or true is not an integer: as the schema says (schemathesis)
         json_schema_extra={
             "examples": [
                 {
@@ -278,7 +279,9 @@ class AblationCreate(BaseModel):
     the same seed and epoch budget (docs/sweeps.md has the plan)."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"kind": "ablation", "epochs": 8}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"kind": "ablation", "epochs": 8}]},
     )
 
     kind: Literal["ablation"]

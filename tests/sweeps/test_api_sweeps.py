@@ -303,6 +303,11 @@ def test_bad_requests_are_clear_4xx(client, expect_error, api_key, settings, cli
         "job_too_large",
     )
     assert "JOB_MAX_BATCH_SIZE" in error["message"]
+    # Integers are integers, as the schema says (schemathesis: "1" and true were accepted).
+    for seed in ("1", True):
+        expect_error(client.post("/sweeps", json=search_body(seed=seed)), 422, "validation_error")
+        ablation = {"kind": "ablation", "epochs": 1, "seed": seed}
+        expect_error(client.post("/sweeps", json=ablation), 422, "validation_error")
     expect_error(client.post("/sweeps", content=b"kind=search"), 415, "unsupported_media_type")
     expect_error(
         client.post("/sweeps", json=search_body(), headers={"Authorization": ""}),
