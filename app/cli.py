@@ -247,6 +247,12 @@ def _collect_report(args: argparse.Namespace) -> Any:
             ablation_source=ablation.ablation_jobs,
         )
     require_finished(export_rows(export))
+    if export.ablation is not None and ids:
+        planned = {entry.job.id for entry in export.ablation.entries}
+        if {str(i) for i in ids} <= planned:
+            # Every job is one of the ablation's: they came from its sweep, not from a file
+            # of POST /jobs bodies, so the Reproduce section names no such file.
+            export = export.model_copy(update={"jobs_file": None})
     return export
 
 

@@ -117,3 +117,15 @@ def test_submit_report_jobs_names_a_report_per_jobs_file():
     assert module.report_command(["a"], cpu) == (
         f"cnn report --jobs a --out docs --name results-cpu.md --jobs-file {cpu}"
     )
+
+
+def test_an_ablations_own_jobs_name_no_jobs_file(fixture_db, tmp_path):
+    """Baseline and target taken from the ablation came from its sweep: the Reproduce
+    section must not send the reader to a file of POST /jobs bodies."""
+    ends = ",".join(str(fixture_jobs.job_id(role)) for role in ("baseline", "target"))
+    sweep = str(fixture_jobs.SWEEP_ID)
+    args = ["report", "--jobs", ends, "--ablation", sweep, "--out", str(tmp_path)]
+    assert main(args) == 0
+    export = json.loads((tmp_path / "results.export.json").read_text())
+    assert export["jobs_file"] is None
+    assert "POST /jobs bodies" not in (tmp_path / "results.md").read_text()
