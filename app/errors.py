@@ -65,7 +65,7 @@ STATUS: dict[str, int] = {
     "job_not_finished": 409,
     # sweeps (issue 20)
     "sweep_not_found": 404,
-    "no_finished_trials": 404,
+    "no_finished_trials": 409,
     "sweep_too_large": 422,
     "sweep_terminal": 409,
     "ablation_not_found": 404,

@@ -79,7 +79,9 @@ def list_sweeps(
     responses={
         200: {"content": {"image/png": {}}, "description": "History and parameter plots."},
         403: NOT_FOUND[403],
-        404: {"description": "No such sweep, or no trial with a value yet (`no_finished_trials`)."},
+        404: {"description": "No such sweep (`sweep_not_found`)."},
+        # The sweep exists; its picture does not yet (as /compare's job_not_finished).
+        409: {"description": "No trial with a value yet (`no_finished_trials`)."},
     },
 )
 def sweep_png(sweep_id: uuid.UUID, session: SessionDep, principal: JobReader) -> Response:

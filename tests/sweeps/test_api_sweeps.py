@@ -220,10 +220,10 @@ def test_the_png_draws_history_and_parameters_once_a_trial_has_a_value(
     client, end_job, expect_error, session_factory, settings
 ):
     sweep = client.post("/sweeps", json=search_body()).json()
-    expect_error(client.get(f"/sweeps/{sweep['id']}.png"), 404, "no_finished_trials")
+    expect_error(client.get(f"/sweeps/{sweep['id']}.png"), 409, "no_finished_trials")
     end_job(sweep["trials"][0]["job_id"], "succeeded", [0.3, 0.4, 0.5])
     # Reading changes nothing: the trial has a value once an advancer told it.
-    expect_error(client.get(f"/sweeps/{sweep['id']}.png"), 404, "no_finished_trials")
+    expect_error(client.get(f"/sweeps/{sweep['id']}.png"), 409, "no_finished_trials")
     advance(session_factory, settings, sweep["id"])
     png = client.get(f"/sweeps/{sweep['id']}.png")
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
